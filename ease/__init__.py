@@ -1,0 +1,57 @@
+"""EASE: Efficient Asymmetric Supervision for Early-Exit Transformers.
+
+Every early-exit training method is a configuration: per-layer loss weights (with an optional α schedule),
+per-layer learning-rate scales, and confidence routing at inference.
+"""
+
+from ease.config import (
+    StageConfig,
+    TrainingConfig,
+    UniversalConfig,
+    create_deep_supervision_config,
+    create_standard_config,
+)
+from ease.evaluation import TokenStats, collect_token_stats, threshold_rows
+from ease.model import (
+    DEEDTransformer,
+    DeepSupervisionTransformer,
+    EarlyExitTransformer,
+    RoutedOutput,
+    StandardTransformer,
+)
+from ease.presets import PRESET_ALIASES, PRESETS
+from ease.routing import CONFIDENCE_MEASURES, compute_cost, normalize_routing, route_by_confidence
+from ease.schedule import AlphaSchedule
+from ease.seed import set_seed
+from ease.trainer import EarlyStoppingState, EpochResult, NonFiniteLossError, Trainer, UniversalTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIDENCE_MEASURES",
+    "PRESETS",
+    "PRESET_ALIASES",
+    "AlphaSchedule",
+    "DEEDTransformer",
+    "DeepSupervisionTransformer",
+    "EarlyExitTransformer",
+    "EarlyStoppingState",
+    "EpochResult",
+    "NonFiniteLossError",
+    "RoutedOutput",
+    "StageConfig",
+    "StandardTransformer",
+    "TokenStats",
+    "Trainer",
+    "TrainingConfig",
+    "UniversalConfig",
+    "UniversalTrainer",
+    "collect_token_stats",
+    "compute_cost",
+    "create_deep_supervision_config",
+    "create_standard_config",
+    "normalize_routing",
+    "route_by_confidence",
+    "set_seed",
+    "threshold_rows",
+]

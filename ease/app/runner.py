@@ -1,0 +1,182 @@
+"""The plain function behind `train.py`: build from a config, run the task, always leave a record.
+
+`run(cfg, output_dir)` is callable from Python without Hydra's launcher; `hydra_main(cfg)` is what
+`@hydra.main` wraps. A run writes into its output folder:
+  metrics.json   status ("ok" / "failed" + error), metrics, resolved config, overrides, objective
+  checkpoint.pt  the trained model with its tokenizer and config (task=train)
+  train.log      Hydra's job log
+"""
+
+import importlib
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ease.app import build
+from ease.app.records import METRICS_FILE, make_record, write_json_atomic
+from ease.checkpoint import save_checkpoint
+from ease.data import build_data
+from ease.seed import set_seed
+from ease.trainer import Trainer
+
+log = logging.getLogger("ease")
+
+
+class RunError(Exception):
+    """A failure already explained in one line (the message); no traceback needed."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that can run before data is read or a model is built."""
+    build.check_run_settings(cfg)
+    build.data_config(cfg)
+    if cfg.strategy.name == "standard":
+        build.training_config(cfg)
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """A short table for the end of a run: routed metrics, then each exit on its own."""
+    from tabulate import tabulate
+
+    rows = [
+        ["routed", metrics["ppl"], 100 * metrics["acc"], 100 * metrics["shallow_ratio"], 100 * metrics["compute_cost"]]
+    ]
+    for layer, m in metrics.get("per_exit", {}).items():
+        rows.append([f"L{layer} only", m["ppl"], 100 * m["acc"], None, None])
+    return tabulate(rows, headers=["eval", "PPL", "Acc%", "Shallow%", "Compute%"], floatfmt=".2f", missingval="")
+
+
+def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
+    """Weighted training of the whole model, early stopping, final routed evaluation + threshold curve."""
+    config = build.training_config(cfg)
+    model = build.model(cfg, data.vocab_size).to(cfg.device)
+    trainer = Trainer(config, data.vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
+    optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
+    result = trainer.train_with_early_stopping(
+        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor
+    )
+    thresholds = list(cfg.routing.analysis_thresholds)
+    t0 = time.perf_counter()
+    metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
+    metrics["eval_time_s"] = time.perf_counter() - t0
+    if data.test is not None:
+        test = trainer.evaluate(model, data.test)
+        metrics["test"] = {k: test[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost", "loss")}
+    metrics.update(
+        history=result["history"],
+        best_epoch=result["best_epoch"],
+        epochs_run=result["epochs_run"],
+        train_time_s=result["train_time_s"],
+        tokens_per_s=result["tokens_per_s"],
+        num_parameters=model.num_parameters(),
+        layer_weights=config.weights_for(model.num_layers),
+        data_source=data.source,
+        vocab_size=data.vocab_size,
+    )
+    if cfg.save_checkpoint:
+        save_checkpoint(
+            output_dir / "checkpoint.pt",
+            model,
+            data.tokenizer.to_dict(),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            metrics={k: metrics[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost")},
+        )
+    return metrics
+
+
+def train_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """task=train: load data, then train with the configured strategy."""
+    data = build_data(build.data_config(cfg), seed=cfg.seed)
+    if cfg.strategy.name == "standard":
+        return train_standard(cfg, data, output_dir)
+    from ease.strategies import run_strategy
+
+    return run_strategy(cfg, data, output_dir)
+
+
+# task name -> "module:function" taking (cfg, output_dir) and returning the metrics dict.
+TASKS = {
+    "train": "ease.app.runner:train_task",
+    "eval": "ease.app.eval_task:eval_task",
+    "generate": "ease.app.generate_task:generate_task",
+}
+
+
+def run_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Validate, seed and run the configured task; returns the metrics."""
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {cfg.task.name!r}")
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    module, function = TASKS[cfg.task.name].split(":")
+    return getattr(importlib.import_module(module), function)(cfg, output_dir)
+
+
+def objective_values(cfg: DictConfig, metrics: dict[str, Any] | None) -> list[float]:
+    """The metrics named by `objective`, NaN where missing or non-finite (the sweeper's FAIL)."""
+    values = []
+    for name in cfg.objective:
+        value = (metrics or {}).get(name)
+        values.append(float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan)
+    return values
+
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run one job and write its metrics.json; returns the record. Raises after recording a failure."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    overrides = list(overrides or [])
+    try:
+        metrics = run_task(cfg, output_dir)
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
+        record = make_record("failed", cfg.task.name, {}, resolved, overrides, error=message, started=started)
+        record["traceback"] = traceback.format_exc()
+        write_json_atomic(output_dir / METRICS_FILE, record)
+        raise
+    values = objective_values(cfg, metrics)
+    objective = {"names": list(cfg.objective), "values": values}
+    record = make_record("ok", cfg.task.name, metrics, resolved, overrides, objective, started=started)
+    write_json_atomic(output_dir / METRICS_FILE, record)
+    if "ppl" in metrics:
+        print(summary_table(metrics), file=sys.stderr)
+    log.info("metrics written to %s", output_dir / METRICS_FILE)
+    return record
+
+
+def hydra_main(cfg: DictConfig) -> float | list[float]:
+    """Hydra's task function: run, then return the objective(s) for a sweeper.
+
+    A single run that fails prints one line and exits non-zero (debug=true shows the traceback). In a
+    multirun, a failed job returns NaN instead, which Optuna records as a FAIL trial without stopping
+    the sweep; its metrics.json says status failed and why.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    try:
+        record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+        values = record["objective"]["values"]
+    except Exception as err:
+        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        if cfg.debug:
+            raise
+        if hc.mode == RunMode.RUN:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+        log.error("job failed: %s", message)
+        values = [math.nan] * len(cfg.objective)
+    return values[0] if len(values) == 1 else values

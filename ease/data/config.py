@@ -1,0 +1,105 @@
+"""The data section of an EASE config: which corpus, how it is tokenized and batched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DATASETS = ("wikitext2", "synthetic")
+TOKENIZERS = ("word", "char", "bpe")
+SPLITS = ("train", "valid", "test")
+# A byte-level BPE always holds the 256 byte symbols, so a smaller vocabulary cannot be honoured.
+MIN_BPE_VOCAB = 256
+
+
+def _check_int(field: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `vocab_size: true` from YAML must not pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{field}: must be an int >= {minimum}, got {value!r}")
+
+
+def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{field}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_fraction(field: str, value: object, low: float, high: float, low_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (low < value if low_open else low <= value) and value < high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"data.{field}: must be a number in {bracket}{low:g}, {high:g}), got {value!r}")
+
+
+def _as_splits(value: object) -> tuple[str, ...]:
+    # Hydra hands lists (ListConfig) for YAML sequences; a lone string means one split.
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise ValueError(f"data.fallback_splits: must be a list of split names, got {value!r}")
+    return tuple(value)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are cut into batches.
+
+    For ``name="synthetic"`` the fields ``data_dir``, ``split``, ``fallback_splits``, ``max_chars``,
+    ``tokenizer`` and ``vocab_size`` are ignored; the ``synthetic_*`` fields apply instead.
+    The random seed is not part of the config: it is passed to :func:`ease.data.build_data`.
+    """
+
+    name: str = "wikitext2"
+    """Corpus: ``"wikitext2"`` (local WikiText-2 files) or ``"synthetic"`` (generated, controlled difficulty)."""
+    data_dir: str | None = None
+    """Folder holding ``wiki.{train,valid,test}.tokens``; None falls back to $EASE_DATA_DIR, then default folders."""
+    split: str = "train"
+    """Which split file the training (and validation) text is taken from."""
+    fallback_splits: tuple[str, ...] = ("valid", "test")
+    """Splits tried in order when ``split`` is absent (e.g. no train file offline); a warning names the one used."""
+    max_chars: int | None = 200_000
+    """Characters of the split file to use, cut at a whitespace; None uses the whole file."""
+    tokenizer: str = "word"
+    """``"word"`` (top words + ``<unk>`` + ``<eos>``), ``"char"``, or ``"bpe"`` (byte-level, trained locally)."""
+    vocab_size: int = 1000
+    """Upper bound on the tokenizer's vocabulary; the fitted one may be smaller on tiny text."""
+    seq_len: int = 64
+    """Tokens per input sequence (each window holds ``seq_len + 1`` tokens for the shifted targets)."""
+    batch_size: int = 32
+    """Sequences per batch."""
+    val_fraction: float = 0.1
+    """Trailing share of the text held out for validation (contiguous, never shuffled)."""
+    shuffle: bool = True
+    """Shuffle the order of training windows each epoch (deterministic given seed and epoch)."""
+    drop_last: bool = False
+    """Drop the last, smaller training batch."""
+    synthetic_tokens: int = 40_000
+    """Length of the generated token stream (train + val)."""
+    synthetic_vocab_size: int = 64
+    """Vocabulary of the generated stream."""
+    synthetic_deterministic_fraction: float = 0.5
+    """Share of generated positions fully determined by the previous token (the "easy" ones)."""
+
+    def __post_init__(self) -> None:
+        """Normalise Hydra lists to tuples and reject values the data pipeline cannot honour."""
+        _check_choice("name", self.name, DATASETS)
+        _check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _check_choice("split", self.split, SPLITS)
+        self.fallback_splits = _as_splits(self.fallback_splits)
+        for split in self.fallback_splits:
+            _check_choice("fallback_splits", split, SPLITS)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            self.data_dir = str(self.data_dir)  # accept a Path
+        if self.max_chars is not None:
+            _check_int("max_chars", self.max_chars, 1)
+        _check_int("vocab_size", self.vocab_size, 2)
+        if self.name == "wikitext2" and self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(f"data.vocab_size: must be >= {MIN_BPE_VOCAB} for tokenizer bpe, got {self.vocab_size}")
+        _check_int("seq_len", self.seq_len, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_fraction("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        _check_int("synthetic_tokens", self.synthetic_tokens, 2)
+        _check_int("synthetic_vocab_size", self.synthetic_vocab_size, 4)
+        _check_fraction(
+            "synthetic_deterministic_fraction", self.synthetic_deterministic_fraction, 0.0, 1.0, low_open=False
+        )
