@@ -5,13 +5,16 @@ a truncated checkpoint where a good one was.
 """
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ease.model import EarlyExitTransformer
+from ease.trainer import EarlyStoppingState, Trainer
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -49,3 +52,62 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = EarlyExitTransformer(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model, ckpt
+
+
+def load_weights_into(model: EarlyExitTransformer, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's weights into an already built model, with a one-line error on a size mismatch."""
+    theirs, ours = ckpt.get("model_args", {}), model.config_dict()
+    for key in ("vocab_size", "dim", "num_layers", "num_heads", "hidden_dim"):
+        if theirs.get(key) != ours[key]:
+            raise ValueError(f"checkpoint: {path} has {key}={theirs.get(key)}, the configured model has {ours[key]}")
+    model.load_state_dict(ckpt["model"])
+
+
+# --- training state, for resuming --------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(
+    trainer: Trainer, optimizer: torch.optim.Optimizer, stopping: EarlyStoppingState, completed: bool
+) -> dict[str, Any]:
+    """What `resume` needs beyond the weights: optimizer, schedule position, RNGs, early-stopping state."""
+    return {
+        "epoch": len(stopping.history),
+        "completed": completed,
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "trainer": {"epoch": trainer.epoch, "weight_history": trainer.weight_history},
+        "early_stopping": {
+            "best_metric": stopping.best_metric,
+            "best_epoch": stopping.best_epoch,
+            "bad_epochs": stopping.bad_epochs,
+            "best_state": stopping.best_state,
+            "history": stopping.history,
+        },
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any], trainer: Trainer, optimizer: torch.optim.Optimizer
+) -> EarlyStoppingState:
+    """Put the optimizer, trainer and RNGs back where `training_state` found them."""
+    optimizer.load_state_dict(state["optimizer"])
+    trainer.epoch = state["trainer"]["epoch"]
+    trainer.weight_history = list(state["trainer"]["weight_history"])
+    set_rng_state(state["rng"])
+    return EarlyStoppingState(**state["early_stopping"])

@@ -206,7 +206,10 @@ class Trainer:
         """The one evaluation pass behind `evaluate` and `threshold_analysis`."""
         self._check(model)
         exits = self.config.exit_layers if exit_layers is None else exit_layers
-        weighted = [layer for layer, w in self.config.weights_for(model.num_layers).items() if w > 0]
+        # Score the layers of the last trained epoch's weights too: `evaluate` reports that objective, and an
+        # α schedule puts weight on the config's exit layer even when this pass routes elsewhere.
+        weight_sets = [self.config.weights_for(model.num_layers), *self.weight_history[-1:]]
+        weighted = [layer for weights in weight_sets for layer, w in weights.items() if w > 0]
         return collect_token_stats(model, batches, exits, weighted, self.config.confidence, self.device)
 
     def evaluate(
@@ -244,6 +247,8 @@ class Trainer:
     ) -> list[dict[str, Any]]:
         """Seed 003's table (threshold, ppl, acc, shallow%, compute%) for every threshold, from one pass."""
         exits = self.config.exit_layers if exit_layer is None else normalize_routing(exit_layer, 0.0)[0]
+        if exit_layer is not None and not isinstance(exit_layer, int):
+            exits = tuple(int(e) for e in exit_layer)  # keep the caller's order: a pair [t_a, t_b] follows it
         return threshold_rows(self.token_stats(model, batches, exits), exits, thresholds)
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -275,18 +280,16 @@ class Trainer:
             raise ValueError(f"train.patience: must be >= 1, got {patience}")
         self.total_epochs = max_epochs
         state = state or EarlyStoppingState()
-        start = len(state.history)
-        self.epoch = start
         t0 = time.perf_counter()
-        train_tokens, train_seconds = 0, 0.0
-        for epoch in range(start, max_epochs):
+        for epoch in range(len(state.history), max_epochs):
+            if state.bad_epochs >= patience:  # a resumed run that had already stopped
+                break
+            if hasattr(train_batches, "set_epoch"):
+                train_batches.set_epoch(epoch)  # data order depends on (seed, epoch) only, so resume repeats it
             t_epoch = time.perf_counter()
             result = self.train_epoch(model, train_batches, optimizer, epoch, max_epochs)
             train_time = time.perf_counter() - t_epoch
             ev = self.evaluate(model, val_batches)
-            tokens = self.last_epoch_tokens
-            train_tokens += tokens
-            train_seconds += train_time
             metric = ev[monitor]
             improved = math.isfinite(metric) and metric < state.best_metric - min_delta
             row = {
@@ -298,8 +301,9 @@ class Trainer:
                 "shallow_ratio": ev["shallow_ratio"],
                 "compute_cost": ev["compute_cost"],
                 "weights": {int(k): float(v) for k, v in result.weights.items()},
+                "train_tokens": self.last_epoch_tokens,
                 "train_time_s": train_time,
-                "tokens_per_s": tokens / train_time if train_time > 0 else None,
+                "tokens_per_s": self.last_epoch_tokens / train_time if train_time > 0 else None,
                 "improved": improved,
             }
             state.history.append(row)
@@ -316,18 +320,17 @@ class Trainer:
                 )  # fmt: skip
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, state)
-            if state.bad_epochs >= patience:
-                break
         if state.best_state is not None:
             model.load_state_dict(state.best_state)
-        elapsed = time.perf_counter() - t0
+        train_tokens = sum(row["train_tokens"] for row in state.history)
+        train_seconds = sum(row["train_time_s"] for row in state.history)
         return {
             "best_epoch": state.best_epoch,
             f"best_val_{monitor}": state.best_metric,
             "epochs_run": len(state.history),
             "stopped_early": state.bad_epochs >= patience,
             "history": state.history,
-            "train_time_s": elapsed,
+            "train_time_s": time.perf_counter() - t0,
             "tokens_per_s": train_tokens / train_seconds if train_seconds > 0 else None,
         }
 

@@ -7,6 +7,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Tiny models: one thread is as fast as two, and it keeps the suite steady when other work shares the cores
+# (the subprocesses that tests start inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 # CI clones the repo with shared/ beside it; EASE_DATA_DIR (set by .ci/run) wins when present.
 os.environ.setdefault("EASE_DATA_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
 WIKITEXT_DIR = Path(os.environ["EASE_DATA_DIR"])
@@ -31,3 +35,19 @@ def wikitext_dir() -> Path:
     if not (WIKITEXT_DIR / "wiki.valid.tokens").exists():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT_DIR}: set EASE_DATA_DIR")
     return WIKITEXT_DIR
+
+
+def compose(overrides: list[str] | None = None, hydra_config: bool = False):
+    """Compose conf/config.yaml with Hydra's compose API, as train.py would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ease.app.schema import register_configs
+
+    register_configs(REPO)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), job_name="test"):
+        return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=hydra_config)
+
+
+# Shrinks any run to seconds: tiny model, synthetic tokens, one epoch, no progress bar.
+FAST = ["model=tiny", "data=synthetic", "data.synthetic_tokens=6000", "train.max_epochs=1", "progress=false"]

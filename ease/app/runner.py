@@ -10,6 +10,8 @@
 import importlib
 import logging
 import math
+import os
+import signal
 import sys
 import time
 import traceback
@@ -21,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ease.app import build
 from ease.app.records import METRICS_FILE, make_record, write_json_atomic
-from ease.checkpoint import save_checkpoint
+from ease.checkpoint import load_weights_into, restore_training_state, save_checkpoint, training_state
 from ease.data import build_data
 from ease.seed import set_seed
-from ease.trainer import Trainer
+from ease.trainer import EarlyStoppingState, Trainer
 
 log = logging.getLogger("ease")
 
@@ -39,6 +41,7 @@ def validate(cfg: DictConfig) -> None:
     build.data_config(cfg)
     if cfg.strategy.name == "standard":
         build.training_config(cfg)
+    importlib.import_module("ease.strategies").validate_strategy(cfg)  # ashem / token_routed settings
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -53,16 +56,42 @@ def summary_table(metrics: dict[str, Any]) -> str:
     return tabulate(rows, headers=["eval", "PPL", "Acc%", "Shallow%", "Compute%"], floatfmt=".2f", missingval="")
 
 
+def _kill_hook(epoch: int) -> None:
+    """Test-only: EASE_TEST_KILL_AFTER_EPOCH=N kills the process (SIGKILL) right after epoch N's checkpoint."""
+    if os.environ.get("EASE_TEST_KILL_AFTER_EPOCH") == str(epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
-    """Weighted training of the whole model, early stopping, final routed evaluation + threshold curve."""
+    """Weighted training of the whole model, early stopping, final routed evaluation + threshold curve.
+
+    With save_checkpoint (default), checkpoint.pt is rewritten atomically at every epoch end with the
+    weights, optimizer, α-schedule position, RNG states and early-stopping state; `resume=true` in the same
+    run folder carries on from it and ends with the same metrics as an uninterrupted run.
+    """
     config = build.training_config(cfg)
     model = build.model(cfg, data.vocab_size).to(cfg.device)
     trainer = Trainer(config, data.vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
     optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
+    ckpt_path = output_dir / "checkpoint.pt"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tokenizer = data.tokenizer.to_dict()
+
+    def save(stopping: EarlyStoppingState, completed: bool, **extra: Any) -> None:
+        if cfg.save_checkpoint:
+            state = training_state(trainer, optimizer, stopping, completed)
+            save_checkpoint(ckpt_path, model, tokenizer, config=resolved, train_state=state, **extra)
+
+    def on_epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
+        save(stopping, completed=False)
+        _kill_hook(epoch)
+
+    stopping = resume_state(cfg, ckpt_path, model, trainer, optimizer) or EarlyStoppingState()
     result = trainer.train_with_early_stopping(
-        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor
-    )
+        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
+        state=stopping, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
     thresholds = list(cfg.routing.analysis_thresholds)
     t0 = time.perf_counter()
     metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
@@ -81,15 +110,26 @@ def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, An
         data_source=data.source,
         vocab_size=data.vocab_size,
     )
-    if cfg.save_checkpoint:
-        save_checkpoint(
-            output_dir / "checkpoint.pt",
-            model,
-            data.tokenizer.to_dict(),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            metrics={k: metrics[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost")},
-        )
+    save(stopping, completed=True, metrics={k: metrics[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost")})
     return metrics
+
+
+def resume_state(
+    cfg: DictConfig, ckpt_path: Path, model: Any, trainer: Trainer, optimizer: torch.optim.Optimizer
+) -> EarlyStoppingState | None:
+    """With resume=true and a checkpoint.pt in the run folder, restore it; else start fresh."""
+    if not cfg.resume:
+        return None
+    if not ckpt_path.is_file():
+        log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
+        return None
+    ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+    if "train_state" not in ckpt:
+        raise ValueError(f"resume: {ckpt_path} holds no training state (saved by another task?)")
+    load_weights_into(model, ckpt, ckpt_path)
+    stopping = restore_training_state(ckpt["train_state"], trainer, optimizer)
+    log.info("resumed from %s after epoch %d", ckpt_path, len(stopping.history))
+    return stopping
 
 
 def train_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
