@@ -83,7 +83,7 @@ def test_presets_have_header_with_reference_and_command() -> None:
 def test_schema_rejects_mistyped_key_at_compose_time() -> None:
     with pytest.raises(Exception, match="dimm"):
         compose(["model.dimm=3"])
-    with pytest.raises(Exception, match="model.dim"):
+    with pytest.raises(Exception, match=r"model\.dim"):
         compose(["model.dim=abc"])
 
 

@@ -90,7 +90,8 @@ class StrategySchema:
     phase2_lr: float = 1e-4
     phase2_patience: int = 3
     hard_examples_from: str = "val"  # val | train: data the threshold and hard tokens come from
-    # token-routed training (seed 000)
+    phase2_train_head: bool = False  # also train the shared norm + head in phase 2 (moves the layer-k exit)
+    # token-routed training (seed 000): each route keeps at least this share of every batch's tokens
     min_route_fraction: float = 0.05
 
 
@@ -110,6 +111,8 @@ class TaskSchema:
     name: str = "train"  # train | eval | generate
     # eval: score `checkpoint` under the routing group's settings, without training
     split: str = "val"  # val | test
+    checkpoint_data: bool = True  # rebuild the data as the checkpoint was trained (its data settings and seed)
+    cache_stats: bool = True  # keep the per-token pass beside the checkpoint: a threshold sweep runs the model once
     # generate: continue `prompt` from `checkpoint`
     max_new_tokens: int = 50
     temperature: float = 0.0  # 0 = greedy
@@ -151,4 +154,4 @@ def register_configs(root: str | Path) -> None:
         return project_root
 
     OmegaConf.register_resolver("ease_root", ease_root, replace=True)
-    ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_config", node=Config, replace=True)
