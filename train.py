@@ -4,12 +4,15 @@ A thin @hydra.main around `ease.app.runner.hydra_main`; the work is in `ease.app
 which is callable from Python too.
 """
 
+import os
+import sys
 import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from ease.app.errors import one_line_error
 from ease.app.runner import hydra_main
 from ease.app.schema import register_configs
 
@@ -23,5 +26,18 @@ def main(cfg: DictConfig) -> float | list[float]:
     return hydra_main(cfg)
 
 
+def cli() -> None:
+    """Run main; Hydra's own errors (composition, sweeper, output folder) become one line and exit 1."""
+    full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing its multi-line report
+    try:
+        main()
+    except Exception as err:
+        if full_traceback:
+            raise
+        print(f"error: {one_line_error(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
