@@ -4,6 +4,17 @@ Every early-exit training method is a configuration: per-layer loss weights (wit
 per-layer learning-rate scales, and confidence routing at inference.
 """
 
+from ease.ashem import (
+    ASHEMConfig,
+    HardExamples,
+    collect_hard_examples,
+    compute_confidence,
+    compute_confidence_threshold,
+    create_hard_example_loader,
+    evaluate_on_hard_examples,
+    run_ashem,
+    train_upper_layers,
+)
 from ease.config import (
     StageConfig,
     TrainingConfig,
@@ -23,6 +34,7 @@ from ease.presets import PRESET_ALIASES, PRESETS
 from ease.routing import CONFIDENCE_MEASURES, compute_cost, normalize_routing, route_by_confidence
 from ease.schedule import AlphaSchedule
 from ease.seed import set_seed
+from ease.token_routed import TokenRoutedTrainer, TokenRoutedTransformer, token_routed_loss
 from ease.trainer import EarlyStoppingState, EpochResult, NonFiniteLossError, Trainer, UniversalTrainer
 
 __version__ = "0.1.0"
@@ -31,27 +43,39 @@ __all__ = [
     "CONFIDENCE_MEASURES",
     "PRESETS",
     "PRESET_ALIASES",
+    "ASHEMConfig",
     "AlphaSchedule",
     "DEEDTransformer",
     "DeepSupervisionTransformer",
     "EarlyExitTransformer",
     "EarlyStoppingState",
     "EpochResult",
+    "HardExamples",
     "NonFiniteLossError",
     "RoutedOutput",
     "StageConfig",
     "StandardTransformer",
+    "TokenRoutedTrainer",
+    "TokenRoutedTransformer",
     "TokenStats",
     "Trainer",
     "TrainingConfig",
     "UniversalConfig",
     "UniversalTrainer",
+    "collect_hard_examples",
     "collect_token_stats",
+    "compute_confidence",
+    "compute_confidence_threshold",
     "compute_cost",
     "create_deep_supervision_config",
+    "create_hard_example_loader",
     "create_standard_config",
+    "evaluate_on_hard_examples",
     "normalize_routing",
     "route_by_confidence",
+    "run_ashem",
     "set_seed",
     "threshold_rows",
+    "token_routed_loss",
+    "train_upper_layers",
 ]
