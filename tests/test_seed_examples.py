@@ -123,6 +123,7 @@ def test_seed_000_usage(train_batches, val_batches):
     torch.manual_seed(0)
     from ease import (
         DEEDTransformer,
+        TokenRoutedTransformer,
         UniversalConfig,
         UniversalTrainer,
     )
@@ -152,6 +153,11 @@ def test_seed_000_usage(train_batches, val_batches):
     # An untrained 1000-way model is never 90% sure: no token exits.
     assert stats["shallow_ratio"] == 0.0
     assert stats["compute_cost"] == 1.0
+
+    # === TokenRoutedTransformer ===
+    model_tr = TokenRoutedTransformer(vocab_size=1000, dim=64, num_layers=3, exit_layer=1, routing_threshold=0.7)
+    assert model_tr.exit_layer == 1 and model_tr.routing_threshold == 0.7
+    assert model_tr(train_batches[0][0]).shape == (*train_batches[0][0].shape, 1000)
 
 
 def test_seed_000_options():
