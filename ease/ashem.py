@@ -19,12 +19,16 @@ context (their keys and values get gradients through the hard tokens' attention)
 loss. Generation with CALM-style state propagation (an exited token's upper-layer keys/values copied from
 layer k) gives hard tokens a different context from the one they were trained with; that is a property of
 that decoding mode, not of this training.
+
+Resuming. `run_ashem` reports an `ASHEMProgress` after every epoch of either phase and carries on from one
+(`resume=`) with the result of an uninterrupted run. The hard examples are not saved: a phase-2 resume
+rebuilds them from Block 1's final weights, which the saved state holds.
 """
 
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ease.checkpoint import load_weights_into, restore_training_state, rng_state, set_rng_state, training_state
 from ease.config import StageConfig, TrainingConfig, create_standard_config
 from ease.evaluation import Batch
 from ease.model import EarlyExitTransformer
 from ease.routing import CONFIDENCE_MEASURES, confidence_fn
-from ease.trainer import NonFiniteLossError, Trainer
+from ease.trainer import EarlyStoppingState, NonFiniteLossError, Trainer
 
 log = logging.getLogger("ease.ashem")
 
@@ -514,6 +519,94 @@ class ASHEMResult:
     eval_trainer: Trainer
     train_time_s: float  # both phases, hard-example collection included; final evaluation excluded
     trained_positions: int  # positions trained on (phase 1 tokens + positions Block 2 ran over)
+    state: dict[str, Any] = field(default_factory=dict)  # the finished run's resumable state (`ASHEMProgress.state`)
+
+
+@dataclass
+class Phase2State:
+    """Where phase 2 stands: enough, with the model's and optimizer's state, to carry on after a restart.
+
+    Attributes:
+        stopping: early stopping on the validation hard-token loss; its `best_state` holds the trainable
+            (Block 2) parameters only.
+        before: the validation hard-token metrics at layer L before phase 2's first epoch.
+    """
+
+    stopping: EarlyStoppingState = field(default_factory=lambda: EarlyStoppingState(best_epoch=0))
+    before: dict[str, float] | None = None
+
+
+@dataclass
+class ASHEMProgress:
+    """A point `run_ashem` can resume from, handed to its `on_epoch_end` after every epoch of either phase.
+
+    `{"model": progress.model.state_dict(), "train_state": progress.state}` (what
+    `save_checkpoint(path, progress.model, train_state=progress.state)` writes, among other keys) passed back
+    as `run_ashem(..., resume=...)` carries on from this point. The tensors in `state` are the live ones:
+    save them at once, do not keep them.
+
+    Attributes:
+        phase: 1 (Block 1 on every token) or 2 (Block 2 on the hard tokens).
+        phase_epoch: epochs done in this phase.
+        epoch: epochs done in both phases (phase 1's, then phase 2's), as the run's history numbers them.
+        model: the model being trained: Block 1 alone (k layers) in phase 1, the routed L-layer model in phase 2.
+        state: everything else a resume needs: "strategy" ("ashem"), "phase", "epoch", "completed", and in
+            phase 1 "phase1_train" (`ease.checkpoint.training_state`: optimizer, RNGs, early stopping); in
+            phase 2 "phase1" (phase 1's record), "phase1_model" (Block 1's final weights, from which the
+            threshold and hard examples are rebuilt), "threshold" and "phase2_train" (optimizer, RNGs,
+            early stopping, the metrics before phase 2).
+    """
+
+    phase: int
+    phase_epoch: int
+    epoch: int
+    model: EarlyExitTransformer
+    state: dict[str, Any]
+
+
+def train_phase1(
+    config: ASHEMConfig,
+    model: EarlyExitTransformer,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    device: str | torch.device = "cpu",
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    monitor: str = "loss",
+    progress: bool = False,
+    verbose: bool = True,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Phase 1: Block 1 on every token with early stopping; returns its record (val metrics, history, ...).
+
+    `on_epoch_end(epoch, state)` gets {"phase1_train": training state} after every epoch; `resume` (the
+    model's weights under "model" and such a state under "train_state") carries on from that epoch.
+    """
+    trainer = Trainer(config.phase1_config(), model.vocab_size, device, grad_clip, progress=progress)
+    optimizer = trainer.create_optimizer(model, config.phase1_lr, weight_decay)
+    stopping = EarlyStoppingState()
+    if resume is not None:
+        load_weights_into(model, resume, "resume")
+        stopping = restore_training_state(resume["train_state"]["phase1_train"], trainer, optimizer)
+
+    def epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, {"phase1_train": training_state(trainer, optimizer, stopping, completed=False)})
+
+    result = trainer.train_with_early_stopping(
+        model, train_batches, val_batches, optimizer, config.max_epochs, config.phase1_patience, verbose, monitor,
+        state=stopping, on_epoch_end=epoch_end,
+    )  # fmt: skip
+    ev = trainer.evaluate(model, val_batches)
+    return {
+        "metrics": {key: ev[key] for key in ("ppl", "acc", "loss", "per_exit")},
+        "history": result["history"],
+        "best_epoch": result["best_epoch"],
+        "epochs_run": result["epochs_run"],
+        "train_time_s": result["train_time_s"],
+        "tokens_per_s": result["tokens_per_s"],
+    }
 
 
 def train_phase2(
@@ -527,28 +620,34 @@ def train_phase2(
     grad_clip: float | None = 1.0,
     seed: int = 0,
     verbose: bool = True,
+    state: Phase2State | None = None,
+    on_epoch_end: Callable[[int, Phase2State], None] | None = None,
 ) -> dict[str, Any]:
     """Train Block 2 on `train_hard`'s hard tokens with early stopping on `val_hard`'s hard-token loss.
 
     Restores the best epoch's trainable weights. Each history row also has the routed validation metrics,
-    computed from the validation cache.
+    computed from the validation cache. `on_epoch_end(epoch, state)` runs after every epoch; given such a
+    `state` back (with the model's and optimizer's state restored), training carries on from it: epoch e's
+    shuffle depends on (seed, e) only.
     """
     k = config.phase1_layers
     loader = create_hard_example_loader(train_hard, batch_size, shuffle=True, seed=seed)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    before = evaluate_on_hard_examples(model, val_hard, device, k)
-    best_loss, best_epoch, bad, best_state = math.inf, 0, 0, None
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    for epoch in range(1, config.max_epochs + 1):
+    state = state or Phase2State()
+    stopping = state.stopping
+    if state.before is None:
+        state.before = evaluate_on_hard_examples(model, val_hard, device, k)
+    loader.epoch = len(stopping.history)
+    for epoch in range(len(stopping.history) + 1, config.max_epochs + 1):
+        if stopping.bad_epochs >= config.phase2_patience:  # a resumed run that had already stopped
+            break
         t0 = time.perf_counter()
         train_loss = train_upper_layers(model, loader, optimizer, None, device, k, grad_clip)
         seconds = time.perf_counter() - t0
-        train_seconds += seconds
         hard = evaluate_on_hard_examples(model, val_hard, device, k)
         routed = evaluate_routed_from_cache(model, val_hard, val_hard.threshold, config.confidence, device)
-        improved = math.isfinite(hard["loss"]) and hard["loss"] < best_loss
-        history.append({
+        improved = math.isfinite(hard["loss"]) and hard["loss"] < stopping.best_metric
+        stopping.history.append({
             "epoch": epoch,
             "train_loss": train_loss,
             "hard_loss": hard["loss"],
@@ -564,36 +663,48 @@ def train_phase2(
             "improved": improved,
         })  # fmt: skip
         if improved:
-            best_loss, best_epoch, bad = hard["loss"], epoch, 0
-            best_state = {name: p.detach().clone() for name, p in trainable.items()}
+            stopping.best_metric, stopping.best_epoch, stopping.bad_epochs = hard["loss"], epoch, 0
+            stopping.best_state = {name: p.detach().clone() for name, p in trainable.items()}
         else:
-            bad += 1
+            stopping.bad_epochs += 1
         if verbose:
             log.info(
                 "phase 2 epoch %d: train_hard_loss %.4f val_hard_ppl %.2f routed val_ppl %.2f%s",
                 epoch, train_loss, hard["ppl"], routed["ppl"], " *" if improved else "",
             )  # fmt: skip
-        if bad >= config.phase2_patience:
-            break
-    if best_state is not None:
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state)
+    if stopping.best_state is not None:
         with torch.no_grad():
-            for name, value in best_state.items():
+            for name, value in stopping.best_state.items():
                 trainable[name].copy_(value)
     after = evaluate_on_hard_examples(model, val_hard, device, k)
+    history = stopping.history
+    train_seconds = sum(row["train_time_s"] for row in history)
     return {
         "hard_ppl": after["ppl"],
         "hard_acc": after["acc"],
         "hard_loss": after["loss"],
-        "hard_ppl_before": before["ppl"],
+        "hard_ppl_before": state.before["ppl"],
         "history": history,
-        "best_epoch": best_epoch,
+        "best_epoch": stopping.best_epoch,
         "epochs_run": len(history),
-        "stopped_early": bad >= config.phase2_patience,
+        "stopped_early": stopping.bad_epochs >= config.phase2_patience,
         "train_time_s": train_seconds,
         "tokens_per_s": loader.num_positions * len(history) / train_seconds if train_seconds > 0 else None,
         "num_positions_per_epoch": loader.num_positions,
         "num_hard_tokens_per_epoch": loader.num_hard_tokens,
     }
+
+
+def _saved_state(resume: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ASHEM training state of a resume checkpoint; one-line error if it holds none."""
+    if resume is None:
+        return None
+    state = resume.get("train_state")
+    if not isinstance(state, dict) or state.get("strategy") != "ashem" or state.get("phase") not in (1, 2):
+        raise ValueError("resume: the checkpoint holds no ASHEM training state (saved by another strategy or task?)")
+    return state
 
 
 def run_ashem(
@@ -610,6 +721,8 @@ def run_ashem(
     seed: int = 0,
     progress: bool = False,
     verbose: bool = True,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[ASHEMProgress], None] | None = None,
 ) -> ASHEMResult:
     """The whole seed-002 flow on a fresh `phase1_model` of `config.phase1_layers` layers.
 
@@ -620,35 +733,50 @@ def run_ashem(
        frozen and checked bit-identical at the end.
     4. Phase 2 trains Block 2 on the cached hard tokens (phase2_lr, phase2_patience on val hard tokens).
     5. The final model routes at layer k with the threshold; it is evaluated on `val_batches`.
+
+    Resuming: `on_epoch_end` gets an `ASHEMProgress` after every epoch of either phase; its model weights and
+    state passed back as `resume` (a checkpoint dict with "model" and "train_state") carry on from there,
+    with the same result as an uninterrupted run (bit for bit on CPU). A phase-2 resume skips phase 1 and
+    rebuilds the threshold and hard examples from Block 1's saved final weights (deterministic: eval mode,
+    the source batches set to the epoch after phase 1's last); a rebuilt threshold that differs from the
+    saved one (other data or settings) is an error. `phase1_model` must be freshly built in both cases.
     """
     k, L = config.phase1_layers, config.phase2_layers
     if phase1_model.num_layers != k:
         raise ValueError(f"phase1_layers: the phase-1 model has {phase1_model.num_layers} layers, expected {k}")
+    saved = _saved_state(resume)
+    phase = saved["phase"] if saved else 1
     t_start = time.perf_counter()
 
-    # Phase 1: Block 1 on every token.
-    trainer1 = Trainer(config.phase1_config(), phase1_model.vocab_size, device, grad_clip, progress=progress)
-    optimizer1 = trainer1.create_optimizer(phase1_model, config.phase1_lr, weight_decay)
-    result1 = trainer1.train_with_early_stopping(
-        phase1_model, train_batches, val_batches, optimizer1, config.max_epochs, config.phase1_patience,
-        verbose, monitor,
-    )  # fmt: skip
-    eval1 = trainer1.evaluate(phase1_model, val_batches)
-    phase1 = {
-        "metrics": {key: eval1[key] for key in ("ppl", "acc", "loss", "per_exit")},
-        "history": result1["history"],
-        "best_epoch": result1["best_epoch"],
-        "epochs_run": result1["epochs_run"],
-        "train_time_s": result1["train_time_s"],
-        "tokens_per_s": result1["tokens_per_s"],
-    }
-    trained_positions = trainer1.last_epoch_tokens * result1["epochs_run"]
+    # Phase 1: Block 1 on every token (skipped when resuming in phase 2).
+    def phase1_epoch_end(epoch: int, state: dict[str, Any]) -> None:
+        if on_epoch_end is not None:
+            state = {"strategy": "ashem", "phase": 1, "epoch": epoch, "completed": False, **state}
+            on_epoch_end(ASHEMProgress(1, epoch, epoch, phase1_model, state))
+
+    if phase == 1:
+        phase1 = train_phase1(
+            config, phase1_model, train_batches, val_batches, device, weight_decay, grad_clip, monitor, progress,
+            verbose, resume, phase1_epoch_end,
+        )  # fmt: skip
+    else:
+        phase1_model.load_state_dict(saved["phase1_model"])
+        phase1 = saved["phase1"]
+    trained_positions = sum(row["train_tokens"] for row in phase1["history"])
 
     # Threshold and hard examples, from one pass of the frozen block over the source split.
     source = val_batches if config.hard_examples_from == "val" else train_batches
+    if hasattr(source, "set_epoch"):
+        # The window order phase 1 would iterate next: fixed here so a resumed run caches the same order.
+        source.set_epoch(phase1["epochs_run"])
     cache = cache_exit_states(phase1_model, source, k, config.confidence, device)
     threshold = confidence_quantile(cache.confidences, config.hard_example_ratio)
     threshold = min(max(threshold, math.ulp(0.0)), 1.0)  # 0 would switch routing off
+    if phase == 2 and threshold != saved["threshold"]:
+        raise ValueError(
+            f"resume: the threshold rebuilt from the checkpoint's Block 1 is {threshold}, the checkpoint has "
+            f"{saved['threshold']} (the data or settings changed?)"
+        )
     hard = cache.with_threshold(threshold)
     if config.hard_examples_from == "val":
         val_hard = hard
@@ -662,12 +790,47 @@ def run_ashem(
 
     # Extend, freeze, phase 2 from the cache.
     model = extend_model(phase1_model, L, exit_layer=k, routing_threshold=threshold)
-    snapshot = freeze_lower_layers(model, k, freeze_head=not config.phase2_train_head)
+    snapshot = freeze_lower_layers(model, k, freeze_head=not config.phase2_train_head)  # Block 1's own values
     config2 = config.phase2_config(threshold)
     eval_trainer = Trainer(config2, model.vocab_size, device, grad_clip, progress=progress)
     optimizer2 = eval_trainer.create_optimizer(model, config.phase2_lr, weight_decay)
     hard_ppl_at_exit = evaluate_on_hard_examples(phase1_model, val_hard, device, k, layer=k)["ppl"]
-    phase2 = train_phase2(model, hard, val_hard, config, optimizer2, batch_size, device, grad_clip, seed, verbose)
+    state2 = Phase2State()
+    if phase == 2:
+        train2 = saved["phase2_train"]
+        load_weights_into(model, resume, "resume")
+        optimizer2.load_state_dict(train2["optimizer"])
+        state2 = Phase2State(EarlyStoppingState(**train2["early_stopping"]), train2["before"])
+        set_rng_state(train2["rng"])  # last: building the model above drew from the RNG
+
+    def phase2_state(state: Phase2State, completed: bool) -> dict[str, Any]:
+        stopping = state.stopping
+        return {
+            "strategy": "ashem",
+            "phase": 2,
+            "epoch": phase1["epochs_run"] + len(stopping.history),
+            "completed": completed,
+            "phase1": phase1,
+            "phase1_model": phase1_model.state_dict(),
+            "threshold": threshold,
+            "phase2_train": {
+                "optimizer": optimizer2.state_dict(),
+                "rng": rng_state(),
+                "early_stopping": {f: getattr(stopping, f) for f in EarlyStoppingState.__dataclass_fields__},
+                "before": state.before,
+            },
+        }
+
+    def phase2_epoch_end(epoch: int, state: Phase2State) -> None:
+        if on_epoch_end is not None:
+            total = phase1["epochs_run"] + epoch
+            on_epoch_end(ASHEMProgress(2, epoch, total, model, phase2_state(state, completed=False)))
+
+    phase2 = train_phase2(
+        model, hard, val_hard, config, optimizer2, batch_size, device, grad_clip, seed, verbose, state2,
+        phase2_epoch_end,
+    )  # fmt: skip
+    final_state = phase2_state(state2, completed=True)
     phase2["hard_ppl_at_exit"] = hard_ppl_at_exit
     phase2["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     phase2["frozen_parameters"] = sum(v.numel() for v in snapshot.values())
@@ -698,4 +861,5 @@ def run_ashem(
         eval_trainer=eval_trainer,
         train_time_s=train_time,
         trained_positions=trained_positions,
+        state=final_state,
     )

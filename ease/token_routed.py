@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ease.checkpoint import restore_training_state, training_state
 from ease.config import TrainingConfig
 from ease.evaluation import Batch
 from ease.model import EarlyExitTransformer
@@ -258,6 +259,24 @@ class TokenRoutedTrainer(Trainer):
                 user_callback(epoch, state)
 
         return super().train_with_early_stopping(*args, on_epoch_end=on_epoch_end, **kwargs)
+
+    def training_state(
+        self, optimizer: torch.optim.Optimizer, stopping: EarlyStoppingState, completed: bool
+    ) -> dict[str, Any]:
+        """What a resume needs (`ease.checkpoint.training_state`) plus every epoch's route statistics."""
+        state = training_state(self, optimizer, stopping, completed)
+        return {**state, "strategy": "token_routed", "route_history": list(self.route_history)}
+
+    def restore_training_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> EarlyStoppingState:
+        """Put optimizer, RNGs, epoch and route history back as `training_state` found them (weights aside).
+
+        Pass the returned state to `train_with_early_stopping(state=...)` to carry on.
+        """
+        if not isinstance(state, dict) or state.get("strategy") != "token_routed":
+            raise ValueError("resume: the checkpoint holds no token-routed training state (saved by another strategy?)")
+        stopping = restore_training_state(state, self, optimizer)
+        self.route_history = list(state["route_history"])
+        return stopping
 
 
 def token_routed_config(

@@ -119,7 +119,6 @@ BAD = [
     (f"{T} routing.exit_layer=[1,2] routing.threshold=[0.7,0.8]", r"^routing\.exit_layer: token_routed takes one"),
     (f"{T} routing.threshold=1.5", r"^routing\.threshold: must be in \[0, 1\]"),
     (f"{T} loss_weights=asymmetric", r"^loss_weights\.kind: token_routed scores each token"),
-    (f"{A} resume=true", r"^resume: strategy=ashem runs cannot resume yet"),
 ]
 
 

@@ -71,6 +71,9 @@ def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, An
     """
     config = build.training_config(cfg)
     model = build.model(cfg, data.vocab_size).to(cfg.device)
+    if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
+        for block in model.layers:
+            block.compile()
     trainer = Trainer(config, data.vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
     optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
@@ -126,6 +129,9 @@ def resume_state(
     ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
     if "train_state" not in ckpt:
         raise ValueError(f"resume: {ckpt_path} holds no training state (saved by another task?)")
+    saved = ckpt["train_state"].get("strategy", "standard")
+    if saved != cfg.strategy.name:
+        raise ValueError(f"resume: {ckpt_path} was saved by strategy={saved}, this run is strategy={cfg.strategy.name}")
     load_weights_into(model, ckpt, ckpt_path)
     stopping = restore_training_state(ckpt["train_state"], trainer, optimizer)
     log.info("resumed from %s after epoch %d", ckpt_path, len(stopping.history))

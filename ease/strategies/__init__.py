@@ -2,7 +2,7 @@
 
 Each strategy module has `validate(cfg)` (every check that can run before data is read) and
 `run(cfg, data, output_dir) -> metrics`, whose metrics carry the standard run's keys for the final routed
-model plus a `strategy` section.
+model plus a `strategy` section. Both checkpoint every epoch and resume (`resume=true`): see `resume`.
 
     ashem         seed 002: Block 1 on all tokens, Block 2 on the hard ones, routing at the top of Block 1
     token_routed  seed 000: each token trains only the route it takes
@@ -31,8 +31,6 @@ def validate_strategy(cfg: DictConfig) -> None:
     module = _module(cfg)
     if module is None:
         return
-    if cfg.get("resume"):
-        raise ValueError(f"resume: strategy={cfg.strategy.name} runs cannot resume yet; rerun without resume=true")
     module.validate(cfg)
 
 

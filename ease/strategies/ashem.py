@@ -4,6 +4,9 @@ Keys it reads: strategy.* (ASHEMConfig's fields), model.* (architecture; model.n
 strategy.phase2_layers), train.max_epochs (each phase), train.batch_size, train.weight_decay,
 train.grad_clip, train.monitor (phase 1), routing.confidence, routing.analysis_thresholds, seed, device.
 train.lr and train.patience are not used (phase1_lr/phase2_lr, phase1_patience/phase2_patience are).
+
+checkpoint.pt is rewritten at every epoch end of both phases (Block 1 in phase 1, the routed model in phase
+2) and `resume=true` carries on inside the phase it was in; the kill hook counts epochs across the phases.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ease.ashem import ASHEMConfig, run_ashem
 from ease.model import EarlyExitTransformer
 from ease.strategies import report
+from ease.strategies.resume import EpochCheckpoints, architecture, check_architecture, load_for_resume
 from ease.trainer import Trainer
 
 log = logging.getLogger("ease.strategies.ashem")
@@ -94,9 +98,17 @@ def run(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
         dropout=m.dropout, tie_weights=m.tie_weights, confidence=cfg.routing.confidence,
     ).to(cfg.device)  # fmt: skip
     log.info("ASHEM: phase 1 trains layers 1-%d, phase 2 layers %d-%d; routing at layer %d", k, k + 1, L, k)
+    ckpt_path = output_dir / "checkpoint.pt"
+    ckpt = load_for_resume(cfg, ckpt_path, "ashem")
+    if ckpt is not None:
+        state = ckpt["train_state"]
+        check_architecture(ckpt, ckpt_path, architecture(phase1_model, num_layers=k if state["phase"] == 1 else L))
+        log.info("resumed from %s after epoch %d (ASHEM phase %d)", ckpt_path, state["epoch"], state["phase"])
+    checkpoints = EpochCheckpoints(cfg, ckpt_path, data.tokenizer.to_dict())
     r = run_ashem(
         config, phase1_model, data.train, data.val, cfg.device, cfg.train.batch_size, cfg.train.weight_decay,
         cfg.train.grad_clip, cfg.train.monitor, list(cfg.routing.analysis_thresholds), cfg.seed, cfg.progress,
+        resume=ckpt, on_epoch_end=lambda p: checkpoints(p.model, p.state, p.epoch),
     )  # fmt: skip
 
     metrics = dict(r.final)
@@ -155,6 +167,6 @@ def run(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
         metrics["strategy"]["final"]["test"] = report.headline(test)
     report.save(
         cfg, output_dir, r.model, data, metrics,
-        strategy={"name": "ashem", "exit_layer": k, "threshold": r.threshold},
+        strategy={"name": "ashem", "exit_layer": k, "threshold": r.threshold}, train_state=r.state,
     )  # fmt: skip
     return metrics

@@ -3,8 +3,12 @@
 Keys it reads: routing.* (kind must be confidence; one exit_layer and one threshold: the two routes),
 strategy.min_route_fraction (the collapse guard), model.*, lr_scales.*, train.*, seed, device.
 loss_weights must stay final_only and schedule constant: the routes, not weights, decide each token's loss.
+
+checkpoint.pt is rewritten at every epoch end (with the route statistics so far) and `resume=true` carries on
+from it, as for strategy=standard.
 """
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,11 @@ from omegaconf import DictConfig
 from ease.app import build
 from ease.config import TrainingConfig
 from ease.strategies import report
+from ease.strategies.resume import EpochCheckpoints, architecture, check_architecture, load_for_resume
 from ease.token_routed import TokenRoutedTrainer, TokenRoutedTransformer, check_min_route_fraction, token_routed_config
+from ease.trainer import EarlyStoppingState
+
+log = logging.getLogger("ease.strategies.token_routed")
 
 
 def min_route_fraction(cfg: DictConfig) -> float:
@@ -70,9 +78,23 @@ def run(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
         config, data.vocab_size, cfg.device, cfg.train.grad_clip, fraction, progress=cfg.progress
     )
     optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    ckpt_path = output_dir / "checkpoint.pt"
+    stopping = EarlyStoppingState()
+    ckpt = load_for_resume(cfg, ckpt_path, "token_routed")
+    if ckpt is not None:
+        check_architecture(ckpt, ckpt_path, architecture(model))
+        model.load_state_dict(ckpt["model"])
+        stopping = trainer.restore_training_state(ckpt["train_state"], optimizer)
+        log.info("resumed from %s after epoch %d", ckpt_path, len(stopping.history))
+    checkpoints = EpochCheckpoints(cfg, ckpt_path, data.tokenizer.to_dict())
+
+    def on_epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
+        checkpoints(model, trainer.training_state(optimizer, stopping, completed=False), epoch)
+
     result = trainer.train_with_early_stopping(
-        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor
-    )
+        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
+        state=stopping, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
     t0 = time.perf_counter()
     metrics = trainer.evaluate(model, data.val, thresholds=list(cfg.routing.analysis_thresholds))
     metrics["eval_time_s"] = time.perf_counter() - t0
@@ -101,5 +123,8 @@ def run(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
         "best_epoch_route": trainer.route_history[best - 1] if best >= 1 else None,
         "final": report.headline(metrics),
     }
-    report.save(cfg, output_dir, model, data, metrics, strategy={"name": "token_routed", "exit_layer": exit_layer})
+    report.save(
+        cfg, output_dir, model, data, metrics, strategy={"name": "token_routed", "exit_layer": exit_layer},
+        train_state=trainer.training_state(optimizer, stopping, completed=True),
+    )  # fmt: skip
     return metrics
