@@ -7,7 +7,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ease.app.studies import register_resolvers
+
 log = logging.getLogger("ease")
+
+
+# Hydra instantiates the callbacks (importing this module) before the sweeper, whose sampler seed uses
+# `${ease_resume_seed:0}`: registering here makes every `-m` run work even where nothing else registered it.
+register_resolvers()
 
 
 class ResultsTablesCallback(Callback):
@@ -59,8 +66,9 @@ class OptunaStudyCallback(Callback):
         storage = str(storage)
         ensure_storage(storage)
         study_name = OmegaConf.select(sweeper, "study_name")
-        if self.stale_after_s is None or not study_name:
+        if not study_name:
             return
-        failed = fail_stale_trials(storage, study_name, self.stale_after_s)
-        if failed:
-            log.warning("study %s: marked %d stale RUNNING trial(s) FAIL: %s", study_name, len(failed), failed)
+        if self.stale_after_s is not None:
+            failed = fail_stale_trials(storage, study_name, self.stale_after_s)
+            if failed:
+                log.warning("study %s: marked %d stale RUNNING trial(s) FAIL: %s", study_name, len(failed), failed)

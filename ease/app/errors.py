@@ -34,6 +34,10 @@ def one_line_error(err: BaseException) -> str:
         message = _first_line(str(cause))
     else:
         message = _first_line(str(err))
+    # OmegaConf wraps a resolver's error: "ValueError raised while resolving interpolation: <the real message>".
+    message = re.sub(r"^\w+ raised while resolving interpolation: ", "", message)
+    if re.match(r"^[\w.]+: ", message):  # already names its key
+        return message
     if full_key and not message.startswith(full_key):
         message = f"{full_key}: {message}"
     if not full_key:

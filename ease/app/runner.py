@@ -39,7 +39,8 @@ def validate(cfg: DictConfig) -> None:
     """Every check that can run before data is read or a model is built."""
     build.check_run_settings(cfg)
     build.data_config(cfg)
-    if cfg.strategy.name == "standard":
+    # task=eval/generate take the model from the checkpoint and check routing against it there.
+    if cfg.strategy.name == "standard" and cfg.task.name == "train":
         build.training_config(cfg)
     importlib.import_module("ease.strategies").validate_strategy(cfg)  # ashem / token_routed settings
 

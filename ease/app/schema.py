@@ -154,4 +154,7 @@ def register_configs(root: str | Path) -> None:
         return project_root
 
     OmegaConf.register_resolver("ease_root", ease_root, replace=True)
+    from ease.app.studies import register_resolvers  # the sweeper's seed resolver, for `--cfg hydra` too
+
+    register_resolvers()
     ConfigStore.instance().store(name="base_config", node=Config, replace=True)

@@ -1,0 +1,147 @@
+"""Sweep throughput: the alpha grid serially vs two joblib jobs, and a threshold sweep vs one evaluation pass.
+
+    python benchmarks/sweeps.py            # WikiText-2 at the seeds' size, 3 epochs per trial (~10-20 min)
+    python benchmarks/sweeps.py --quick    # tiny model on synthetic tokens (a smoke run, ~2 min)
+
+Writes benchmarks/sweeps_results.json. Every number is measured here, with the machine's load average
+recorded beside it: on a shared CPU, wall times move with what else runs.
+
+1. Alpha grid (`+sweep=alpha_grid`: α ∈ {0.3, 0.5, 0.7} × 2 seeds = 6 trainings). Every trial trains a fixed
+   number of epochs (patience above max_epochs), so each variant does the same work. Variants: serial with
+   1 torch thread, serial with all cores, and hydra/launcher=ease_joblib (2 jobs × 1 thread), each run
+   --repeats times, interleaved. Reports the median wall time, trials per hour and the ratio parallel / serial.
+2. Threshold sweep (`+sweep=threshold`, K thresholds of one checkpoint, task=eval): wall time of the K-job sweep
+   with the per-token pass cached (the default) and without, against one eval job and against the training
+   run that made the checkpoint; and the number of model passes the K jobs ran.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "sweeps_results.json"
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def train_py(args: list[str], multirun: bool = False) -> float:
+    """Run train.py from the repo root; returns its wall time in seconds."""
+    cmd = [sys.executable, "train.py", *(["-m"] if multirun else []), *args, "progress=false"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def records(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))]
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def alpha_grid(tmp: Path, base: list[str], repeats: int) -> dict[str, Any]:
+    """Each variant `repeats` times, interleaved (A B C A B C) so a change in the machine's load hits all alike."""
+    variants = {
+        "serial_threads1": ["threads=1"],
+        "serial_threads_all": [f"threads={os.cpu_count()}"],
+        "joblib_2jobs_threads1": ["hydra/launcher=ease_joblib", "threads=1"],
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, extra in variants.items():
+            folder = tmp / f"grid_{name}_{repeat}"
+            load_before = load()
+            wall = train_py(["+sweep=alpha_grid", *base, *extra, f"hydra.sweep.dir={folder}"], multirun=True)
+            ok = [r for r in records(folder) if r["status"] == "ok"]
+            runs[name].append(
+                {
+                    "ok_trials": len(ok),
+                    "wall_s": round(wall, 1),
+                    "sum_train_time_s": round(sum(r["metrics"]["train_time_s"] for r in ok), 1),
+                    "load_avg_1min_before": round(load_before, 2),
+                    "load_avg_1min_after": round(load(), 2),
+                }
+            )
+            print(name, runs[name][-1], flush=True)
+    out: dict[str, Any] = {"trials_per_sweep": 6, "repeats": repeats}
+    for name, results in runs.items():
+        wall = statistics.median(r["wall_s"] for r in results)
+        out[name] = {"median_wall_s": wall, "trials_per_hour": round(3600 * 6 / wall, 1), "runs": results}
+    parallel = out["joblib_2jobs_threads1"]["trials_per_hour"]
+    out["ratio_joblib_vs_serial_threads1"] = round(parallel / out["serial_threads1"]["trials_per_hour"], 2)
+    out["ratio_joblib_vs_serial_threads_all"] = round(parallel / out["serial_threads_all"]["trials_per_hour"], 2)
+    return out
+
+
+def threshold_sweep(tmp: Path, base: list[str]) -> dict[str, Any]:
+    run_dir = tmp / "checkpoint_run"
+    train_wall = train_py(["+preset=asymmetric", *base, "threads=1", f"hydra.run.dir={run_dir}"])
+    trained = records(run_dir)[0]["metrics"]
+    common = ["+sweep=threshold", f"checkpoint={run_dir}", "threads=1"]
+    one_dir = tmp / "one_eval"
+    eval_args = ["task=eval", f"checkpoint={run_dir}", "routing=confidence", "threads=1", "task.cache_stats=false"]
+    one_wall = train_py([*eval_args, f"hydra.run.dir={one_dir}"])
+    one = records(one_dir)[0]["metrics"]
+    out: dict[str, Any] = {
+        "thresholds": list(THRESHOLDS),
+        "training_run": {"wall_s": round(train_wall, 1), "train_time_s": round(trained["train_time_s"], 1)},
+        "one_eval_job": {"wall_s": round(one_wall, 1), "eval_time_s": round(one["eval_time_s"], 3)},
+        "curve_in_training_run_eval_time_s": round(trained["eval_time_s"], 3),
+    }
+    for name, extra in (("sweep_cached", []), ("sweep_uncached", ["task.cache_stats=false"])):
+        for cache in (run_dir / "eval_cache").glob("*.pt"):
+            cache.unlink()
+        folder = tmp / name
+        values = ",".join(str(t) for t in THRESHOLDS)
+        wall = train_py([*common, f"routing.threshold={values}", *extra, f"hydra.sweep.dir={folder}"], multirun=True)
+        recs = records(folder)
+        out[name] = {
+            "jobs": len(recs),
+            "wall_s": round(wall, 1),
+            "model_passes": sum(r["metrics"]["model_passes"] for r in recs),
+            "sum_eval_time_s": round(sum(r["metrics"]["eval_time_s"] for r in recs), 3),
+            "wall_vs_one_eval_job": round(wall / one_wall, 2),
+            "wall_vs_training_run": round(wall / train_wall, 2),
+        }
+        print(name, out[name], flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model on synthetic tokens")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each alpha-grid variant, interleaved")
+    args = parser.parse_args()
+    if args.quick:
+        base = ["model=tiny", "data=synthetic", "train.max_epochs=2", "train.patience=100"]
+    else:
+        base = ["train.max_epochs=3", "train.patience=100"]
+    with tempfile.TemporaryDirectory(prefix="ease-bench-sweeps-") as tmp:
+        result = {
+            "setting": "quick (tiny, synthetic)" if args.quick else "WikiText-2 200K chars, small model, 3 epochs",
+            "overrides": base,
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+            "alpha_grid": alpha_grid(Path(tmp), base, args.repeats),
+            "threshold_sweep": threshold_sweep(Path(tmp), base),
+        }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
