@@ -138,24 +138,5 @@ def test_alpha_grid_runs_two_jobs_at_a_time_with_joblib(tmp_path: Path) -> None:
     assert sorted(groups["loss_weights.alpha"]) == [0.3, 0.5, 0.7] and (groups["n"] == 2).all()
 
 
-@pytest.mark.slow
-def test_two_sweep_processes_share_one_postgresql_study(tmp_path: Path) -> None:
-    """The documented multi-process set-up: one study in PostgreSQL, a grace period for stale trials."""
-    pg_server = pytest.importorskip("pg_server")
-    pytest.importorskip("psycopg")
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL server binaries not found")
-    with pg_server.postgres_server() as url:
-        shared = ["hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=shared"]
-        shared.append("hydra.callbacks.optuna_study.stale_after_s=86400")
-        procs = []
-        for name in ("a", "b"):
-            cmd = [sys.executable, "train.py", "-m", "+sweep=alpha_optuna", *TINY, *shared]
-            cmd.append(f"hydra.sweep.dir={tmp_path / name}")
-            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        for proc in procs:
-            _, err = proc.communicate(timeout=900)
-            assert proc.returncode == 0, err[-3000:]
-        assert sorted(states(url, "shared")) == ["COMPLETE"] * 4
-        for name in ("a", "b"):
-            assert len(pd.read_csv(tmp_path / name / "results.csv")) == 2
+# Several sweep processes on one study (SQLite and a real PostgreSQL server) and a kill -9 of the controller:
+# tests/test_sweep_workers.py.
