@@ -22,7 +22,9 @@ from ease.config import (
     create_deep_supervision_config,
     create_standard_config,
 )
+from ease.decoding import KV_MODES, EarlyExitDecoder, StepOutput
 from ease.evaluation import TokenStats, collect_token_stats, threshold_rows
+from ease.generation import GenerationResult, SamplingConfig, TokenSampler, generate
 from ease.model import (
     DEEDTransformer,
     DeepSupervisionTransformer,
@@ -31,6 +33,7 @@ from ease.model import (
     StandardTransformer,
 )
 from ease.presets import PRESET_ALIASES, PRESETS
+from ease.routed_eval import evaluate_routed, skip_routed_forward
 from ease.routing import CONFIDENCE_MEASURES, compute_cost, normalize_routing, route_by_confidence
 from ease.schedule import AlphaSchedule
 from ease.seed import set_seed
@@ -41,22 +44,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONFIDENCE_MEASURES",
+    "KV_MODES",
     "PRESETS",
     "PRESET_ALIASES",
     "ASHEMConfig",
     "AlphaSchedule",
     "DEEDTransformer",
     "DeepSupervisionTransformer",
+    "EarlyExitDecoder",
     "EarlyExitTransformer",
     "EarlyStoppingState",
     "EpochResult",
+    "GenerationResult",
     "HardExamples",
     "NonFiniteLossError",
     "RoutedOutput",
+    "SamplingConfig",
     "StageConfig",
     "StandardTransformer",
+    "StepOutput",
     "TokenRoutedTrainer",
     "TokenRoutedTransformer",
+    "TokenSampler",
     "TokenStats",
     "Trainer",
     "TrainingConfig",
@@ -71,10 +80,13 @@ __all__ = [
     "create_hard_example_loader",
     "create_standard_config",
     "evaluate_on_hard_examples",
+    "evaluate_routed",
+    "generate",
     "normalize_routing",
     "route_by_confidence",
     "run_ashem",
     "set_seed",
+    "skip_routed_forward",
     "threshold_rows",
     "token_routed_loss",
     "train_upper_layers",

@@ -1,0 +1,506 @@
+"""Incremental decoding with per-layer KV caches, where each new token runs only the layers up to its exit.
+
+`EarlyExitDecoder` keeps one preallocated K/V buffer for every layer, so a step writes one slot per layer
+instead of concatenating tensors. A step feeds one token per row, runs the blocks in order, and at each
+routing exit scores the rows still running: a row whose confidence reaches the exit's threshold stops
+there, and its logits at that layer are the step's output. Deeper layers run only for the rows still
+going (batch > 1 is supported: each layer gathers the caches of the rows that need it).
+
+A token that stops at layer e leaves layers e+1..L without K/V at its position, which later tokens will
+attend to. Two ways to fill them (`kv_mode`):
+
+- ``"propagate"`` (CALM, Schuster et al. 2022): copy the exit hidden state upward and compute only the
+  skipped layers' K/V projections from it, with no attention and no FFN. They come out of the same matmul
+  as the exit's logits (the layers' norm weights folded into a stacked weight), so a stop costs that
+  wider matmul and the cache writes. Cheap, but deeper layers then see K/V made from a shallower state
+  than a full forward would give them, so later tokens' logits change (see docs/speed.md).
+- ``"recompute"``: leave the skipped positions pending; when a later token needs layer l, the pending
+  positions run layer l for real, in one chunk with that token (as in FREE's parallel decoding, Bae et
+  al. 2023). Every K/V is then the exact one of a full forward, so the outputs equal a full forward routed
+  token by token; compute is saved only on positions that no later token needs deep (at the end), and in
+  wall time because a chunk of pending positions costs about one layer call at small sizes.
+
+The prompt is prefilled at full depth (`prefill`); every generated token then comes from one `step`, whose
+depth is that token's exit layer. Weights are read when the decoder is built: build a new decoder (or call
+`refresh_weights`) after changing the model's weights. The decoder computes in float32.
+
+At these model sizes a step's time is mostly per-operation overhead, not arithmetic, so the code counts
+operations: preallocated caches written in place, RoPE as one small matmul, norms folded into weights,
+the next block's q/k/v taken from the exit matmul, and no per-step Python containers.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ease.model import EarlyExitTransformer
+from ease.modules.attention import apply_rotary
+from ease.routing import confidence_fn, normalize_routing
+
+KV_MODES = ("propagate", "recompute")
+
+
+def check_kv_mode(kv_mode: str) -> None:
+    if kv_mode not in KV_MODES:
+        raise ValueError(f"kv_mode: must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as one matrix per position: x @ R[t] == apply_rotary(x, cos[t], sin[t]). (T, hd/2) -> (T, hd, hd).
+
+    One small matmul rotates q and k of a decoding step together, instead of eight elementwise ops each.
+    """
+    T, half = cos.shape
+    R = cos.new_zeros(T, 2 * half, 2 * half)
+    i = torch.arange(half, device=cos.device)
+    R[:, i, i] = cos  # out1 = x1 cos - x2 sin
+    R[:, i + half, i] = -sin
+    R[:, i, i + half] = sin  # out2 = x1 sin + x2 cos
+    R[:, i + half, i + half] = cos
+    return R
+
+
+class _Block(NamedTuple):
+    """One block's weights, transposed for `torch.mm`, norm weights folded in (see `refresh_weights`)."""
+
+    qkv: torch.Tensor  # (C, 3C): attn_norm folded in, q columns scaled by 1/sqrt(hd)
+    proj: torch.Tensor  # (C, C)
+    w13: torch.Tensor  # (C, 2H): ffn_norm folded in
+    w2: torch.Tensor  # (H, C)
+
+
+@dataclass
+class StepOutput:
+    """One decoding step: each row's logits at its exit layer, and that layer."""
+
+    logits: torch.Tensor  # (B, V)
+    exit_layer: torch.Tensor  # (B,) long, in 1..num_layers
+    # with return_layers: {layer: (B, V)} for every layer some row ran; NaN in the rows that did not run it
+    layer_logits: dict[int, torch.Tensor] | None = None
+
+
+class EarlyExitDecoder:
+    """KV-cached decoding of an `EarlyExitTransformer` where every token stops at its confidence exit.
+
+    Args:
+        model: the model (its dropout is not applied: decoding is inference).
+        batch_size: rows decoded together; every row advances one position per step.
+        max_len: positions the caches hold (prompt + generated tokens).
+        exit_layer: routing exit(s); None = the model's own.
+        routing_threshold: threshold(s); None = the model's own; 0 = no early exit (full depth).
+        kv_mode: "propagate" or "recompute" (see the module docstring).
+        confidence: confidence measure; None = the model's own.
+
+    Attributes:
+        layer_tokens: (token, layer) pairs run through a full block so far (recomputed positions count).
+        kv_tokens: (token, layer) pairs that got only a propagated K/V projection.
+    """
+
+    def __init__(
+        self,
+        model: EarlyExitTransformer,
+        batch_size: int = 1,
+        max_len: int = 256,
+        exit_layer: int | Sequence[int] | None = None,
+        routing_threshold: float | Sequence[float] | None = None,
+        kv_mode: str = "propagate",
+        confidence: str | None = None,
+    ) -> None:
+        check_kv_mode(kv_mode)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if max_len < 1:
+            raise ValueError(f"max_len: must be >= 1, got {max_len}")
+        self.model = model
+        self.kv_mode = kv_mode
+        self.batch_size = batch_size
+        self.max_len = max_len
+        L = self.num_layers = model.num_layers
+        C = self.dim = model.dim
+        nh = self.num_heads = model.num_heads
+        hd = self.head_dim = C // nh
+        exits = model.exit_layers if exit_layer is None else exit_layer
+        thresholds = model.routing_thresholds if routing_threshold is None else routing_threshold
+        self.exit_layers, self.routing_thresholds = normalize_routing(exits, thresholds, L)
+        # _thresholds[i]: the threshold of an active exit after block i (0-based), else None.
+        self._thresholds: list[float | None] = [None] * L
+        for e, t in zip(self.exit_layers, self.routing_thresholds):
+            if t > 0:
+                self._thresholds[e - 1] = t
+        measure = confidence or model.confidence
+        self._confidence = _max_prob if measure == "max_prob" else confidence_fn(measure)
+        self.device = next(model.parameters()).device
+        cos, sin = model.rope(0, max_len)
+        self._cos, self._sin = cos, sin  # (T, hd/2), for chunks
+        self._rot = list(rotation_matrices(cos, sin).unbind(0))  # T x (hd, hd), for single positions
+        # Caches of every layer, K stored transposed so a step's scores are one bmm: (L, B, nh, hd, T).
+        self._k = torch.zeros(L, batch_size, nh, hd, max_len, device=self.device)
+        self._v = torch.zeros(L, batch_size, nh, max_len, hd, device=self.device)
+        self._k_layer, self._v_layer = list(self._k.unbind(0)), list(self._v.unbind(0))  # per-layer views
+        self._k_rows = [k.view(batch_size * nh, hd, max_len) for k in self._k_layer]  # rows merged with heads
+        self._v_rows = [v.view(batch_size * nh, max_len, hd) for v in self._v_layer]
+        self._k_above = [self._k[e:] for e in range(L)]  # layers e+1..L, where a row stopping at e writes
+        self._v_above = [self._v[e:] for e in range(L)]
+        if kv_mode == "recompute":
+            self._hidden = torch.zeros(batch_size, max_len, C, device=self.device)  # pending positions' state
+        self.refresh_weights()
+        self.reset()
+
+    # --- state ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Read the model's weights again (after training or loading new ones).
+
+        The decoder keeps its own transposed copies with every RMSNorm weight folded into the matmul that
+        follows it (norm(h) @ W.T == rms(h) @ (W * w).T), and 1/sqrt(hd) folded into the q columns, so a
+        block is a handful of `mm` calls. This costs memory about the size of the blocks and the head, and
+        changes rounding slightly (logits agree with the model's to about 1e-6).
+        """
+        m = self.model
+        eps = m.norm.eps
+        if any(b.attn_norm.eps != eps or b.ffn_norm.eps != eps for b in m.layers):
+            raise ValueError("EarlyExitDecoder: every RMSNorm must use the same eps")
+        C, hd = self.dim, self.head_dim
+        self._c_eps = torch.tensor(C * eps, device=self.device)
+        self._root_c_eps = self._c_eps.sqrt()
+        root = C**0.5  # `_normalize` leaves out the sqrt(C) of the RMS; it is folded into the weights
+        scale = torch.full((3 * C, 1), root)
+        scale[:C] *= hd**-0.5
+        self._blocks = []
+        for b in m.layers:
+            qkv = b.attn.qkv.weight * b.attn_norm.weight * scale.to(b.attn.qkv.weight)  # (3C, C)
+            w13 = b.ffn.w13.weight * b.ffn_norm.weight * root
+            self._blocks.append(_Block(_t(qkv), _t(b.attn.proj.weight), _t(w13), _t(b.ffn.w2.weight)))
+        self._hidden_dim = self._blocks[0].w2.shape[0]
+        self._vocab = m.output_head.weight.shape[0]
+        self._embedding = m.embedding.weight.detach()
+        self._head = _t(m.output_head.weight * m.norm.weight * root)  # (C, V)
+        # After block i with an active exit (propagate mode), ONE matmul of the normalised state gives:
+        #   [ logits (V) | q of block i+1 (C) | K of blocks i+1..L-1 (dC) | V of blocks i+1..L-1 (dC) ]
+        # Rows that go on take block i+1's q, k, v from it (no norm, no matmul of their own); rows that stop
+        # take every skipped block's K/V from it (CALM propagation of the exit state). Both reuse the norm
+        # the head needed anyway; the unused part costs a wider matmul, far less than a second call.
+        self._exit_w: dict[int, torch.Tensor] = {}
+        self._exit_cuts: dict[int, tuple[int, int, int]] = {}  # ends of block i+1's q|k, of every K, of its v
+        if self.kv_mode == "propagate":
+            for i, threshold in enumerate(self._thresholds[:-1]):
+                if threshold is not None:
+                    deeper = self._blocks[i + 1 :]
+                    parts = [self._head, deeper[0].qkv[:, :C]]
+                    parts += [blk.qkv[:, C : 2 * C] for blk in deeper] + [blk.qkv[:, 2 * C :] for blk in deeper]
+                    self._exit_w[i] = torch.cat(parts, dim=1).contiguous()
+                    V, d = self._vocab, len(deeper)
+                    self._exit_cuts[i] = (V + 2 * C, V + C + d * C, V + 2 * C + d * C)
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept)."""
+        self.pos = 0
+        self.layer_tokens = 0
+        self.kv_tokens = 0
+        # recompute: _filled[i][b] = positions of row b whose K/V at layer i+1 are computed (a prefix).
+        self._filled = [[0] * self.batch_size for _ in range(self.num_layers)]
+
+    def _room(self, n: int) -> None:
+        if self.pos + n > self.max_len:
+            raise ValueError(f"max_len: the caches hold {self.max_len} positions, {self.pos + n} needed")
+
+    def _normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight and without a factor sqrt(C) (both are in the folded weights).
+
+        h / hypot(|h|, sqrt(C eps)) == h * rsqrt(mean(h^2) + eps) / sqrt(C): three cheap ops, where `mean`,
+        Python-scalar arithmetic and `F.rms_norm` each cost several times more on CPU at these sizes.
+        """
+        return h / torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), self._root_c_eps)
+
+    def _unembed(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self._normalize(h), self._head)  # (..., V)
+
+    # --- one block ----------------------------------------------------------------------------------------
+
+    def _qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's projections of h (Ba, C): q and k side by side (Ba, 2C), v (Ba, C)."""
+        qkv = torch.mm(self._normalize(h), self._blocks[i].qkv)
+        return qkv[:, : 2 * self.dim], qkv[:, 2 * self.dim :]
+
+    def _block_one(
+        self, i: int, h: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None, t: int
+    ) -> torch.Tensor:
+        """Block i on one new token per running row, given its projections (`_qkv`). h: (Ba, C) -> (Ba, C).
+
+        rows: the running rows' indices in the batch (None = every row).
+        """
+        w = self._blocks[i]
+        Ba, C = h.shape
+        nh, hd = self.num_heads, self.head_dim
+        qk = torch.mm(qk.reshape(-1, hd), self._rot[t]).view(Ba, 2, nh, hd)  # q and k rotated to position t
+        v = v.reshape(Ba, nh, hd)
+        if rows is None:
+            self._k_layer[i].select(3, t).copy_(qk[:, 1])
+            self._v_layer[i].select(2, t).copy_(v)
+            keys, values = self._k_rows[i][:, :, : t + 1], self._v_rows[i][:, : t + 1]  # views, no copy
+        else:
+            self._k_layer[i].select(3, t)[rows] = qk[:, 1]
+            self._v_layer[i].select(2, t)[rows] = v
+            keys = self._k[i][rows, :, :, : t + 1].view(Ba * nh, hd, t + 1)  # only the running rows' caches
+            values = self._v[i][rows, :, : t + 1].view(Ba * nh, t + 1, hd)
+        scores = torch.bmm(qk[:, 0].reshape(Ba * nh, 1, hd), keys)  # (Ba nh, 1, t+1); q carries 1/sqrt(hd)
+        y = torch.bmm(scores.softmax(-1), values).view(Ba, C)
+        h = torch.addmm(h, y, w.proj)
+        gate_up = torch.mm(self._normalize(h), w.w13)  # (Ba, 2H)
+        H = self._hidden_dim
+        return torch.addmm(h, F.silu(gate_up[:, :H]).mul_(gate_up[:, H:]), w.w2)
+
+    def _block_chunk(self, i: int, h: torch.Tensor, start: int, rows: list[int] | None) -> torch.Tensor:
+        """Block i on positions start..start+m-1 of the given rows (prefill, recompute). (G, m, C) -> (G, m, C)."""
+        w = self._blocks[i]
+        G, m, C = h.shape
+        nh, hd = self.num_heads, self.head_dim
+        end = start + m
+        qkv = torch.matmul(self._normalize(h), w.qkv)
+        q, k, v = (x.view(G, m, nh, hd).transpose(1, 2) for x in qkv.split(C, dim=-1))  # (G, nh, m, hd)
+        cos, sin = self._cos[start:end], self._sin[start:end]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rows is None:
+            self._k[i, :, :, :, start:end] = k.transpose(-1, -2)
+            self._v[i, :, :, start:end] = v
+            keys, values = self._k[i, :, :, :, :end], self._v[i, :, :, :end]
+        else:
+            idx = torch.tensor(rows, device=h.device)
+            self._k[i][idx, :, :, start:end] = k.transpose(-1, -2)
+            self._v[i][idx, :, start:end] = v
+            keys, values = self._k[i][idx, :, :, :end], self._v[i][idx, :, :end]
+        if start == 0:
+            mask = None
+        else:  # query j sits at position start+j and sees keys 0..start+j
+            mask = torch.ones(m, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, keys.transpose(-1, -2), values, mask, is_causal=start == 0, scale=1.0)
+        h = h + torch.matmul(y.transpose(1, 2).reshape(G, m, C), w.proj)
+        gate, up = torch.matmul(self._normalize(h), w.w13).chunk(2, dim=-1)
+        self.layer_tokens += G * m
+        return h + torch.matmul(F.silu(gate) * up, w.w2)
+
+    def _write_kv(self, e: int, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None, t: int) -> None:
+        """CALM propagation: store K/V of layers e+1..L at position t, projected from the exit state.
+
+        keys, values: (n, d C) for the n rows that stopped at layer e, d = L - e skipped layers.
+        """
+        n = keys.shape[0]
+        d = self.num_layers - e
+        nh, hd = self.num_heads, self.head_dim
+        k = torch.mm(keys.reshape(-1, hd), self._rot[t])  # rotated to position t: (n d nh, hd)
+        if n == 1:  # (1, d, ...) and (d, 1, ...) share their memory order: views, no transposes
+            k, v = k.view(d, 1, nh, hd), values.view(d, 1, nh, hd)
+        else:
+            k, v = k.view(n, d, nh, hd).transpose(0, 1), values.reshape(n, d, nh, hd).transpose(0, 1)
+        k_slot, v_slot = self._k_above[e].select(4, t), self._v_above[e].select(3, t)  # (d, B, nh, hd)
+        if rows is None:
+            k_slot.copy_(k)
+            v_slot.copy_(v)
+        else:
+            k_slot[:, rows] = k
+            v_slot[:, rows] = v
+        self.kv_tokens += n * d
+
+    def _block_recompute(self, i: int, h: torch.Tensor, rows: torch.Tensor | None, t: int) -> torch.Tensor:
+        """Block i for the running rows, first running it on their pending positions (chunked with the token)."""
+        filled = self._filled[i]
+        row_list = list(range(self.batch_size)) if rows is None else rows.tolist()
+        starts = [filled[b] for b in row_list]
+        if all(s == t for s in starts):
+            out = self._block_one(i, h, *self._qkv(i, h), rows, t)
+            self.layer_tokens += len(row_list)
+        else:
+            groups: dict[int, list[int]] = {}  # pending start -> local row numbers; one chunk per start
+            for j, s in enumerate(starts):
+                groups.setdefault(s, []).append(j)
+            out = torch.empty_like(h)
+            for s, local in groups.items():
+                group_rows = [row_list[j] for j in local]
+                sel = torch.tensor(local, device=h.device)
+                g = torch.tensor(group_rows, device=h.device)
+                if s == t:
+                    out[sel] = self._block_one(i, h[sel], *self._qkv(i, h[sel]), g, t)
+                    self.layer_tokens += len(local)
+                    continue
+                chunk = torch.cat((self._hidden[g, s:t], h[sel].unsqueeze(1)), dim=1)  # (G, t-s+1, C)
+                chunk = self._block_chunk(i, chunk, s, None if len(group_rows) == self.batch_size else group_rows)
+                self._hidden[g, s:t] = chunk[:, :-1]
+                out[sel] = chunk[:, -1]
+        for b in row_list:
+            filled[b] = t + 1
+        return out
+
+    # --- the public steps -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, return_layers: bool = False) -> dict[int, torch.Tensor] | None:
+        """Run a chunk of tokens (B, m) through every layer, filling the caches; no routing (a prompt).
+
+        Returns {layer: logits (B, m, V)} for every layer with `return_layers`, else None.
+        """
+        batch, m = ids.shape
+        if batch != self.batch_size:
+            raise ValueError(f"prefill: ids must have batch size {self.batch_size}, got {batch}")
+        self._room(m)
+        if any(min(layer) < self.pos for layer in self._filled):
+            raise ValueError("prefill: positions are pending (recompute mode); prefill only before stepping")
+        h = F.embedding(ids, self._embedding)  # (B, m, C)
+        out = {} if return_layers else None
+        for i in range(self.num_layers):
+            h = self._block_chunk(i, h, self.pos, None)
+            if out is not None:
+                out[i + 1] = self._unembed(h)
+        self.pos += m
+        self._filled = [[self.pos] * batch for _ in range(self.num_layers)]
+        return out
+
+    def step(self, ids: torch.Tensor, return_layers: bool = False) -> StepOutput:
+        """Feed one token per row (B,) at the next position; each row runs until its exit.
+
+        With `return_layers`, also returns each computed layer's logits (slow: a head at every layer).
+        """
+        if not torch.is_inference_mode_enabled():  # entering costs microseconds: callers may hold it
+            with torch.inference_mode():
+                return self.step(ids, return_layers)
+        B, L, t = self.batch_size, self.num_layers, self.pos
+        if ids.shape != (B,):
+            raise ValueError(f"step: ids must have shape ({B},), got {tuple(ids.shape)}")
+        self._room(1)
+        if B == 1 and not return_layers and self.kv_mode == "propagate":
+            return self._step_one_row(ids, t)
+        V = self._vocab
+        recompute = self.kv_mode == "recompute"
+        h = self._embedding.index_select(0, ids)  # (B, C)
+        logits_out: torch.Tensor | None = None
+        exit_out = torch.full((B,), L, dtype=torch.long, device=self.device)
+        layer_logits: dict[int, torch.Tensor] | None = {} if return_layers else None
+        rows: torch.Tensor | None = None  # indices of the rows still running; None = every row
+        qk = v = None  # the next block's projections, when an exit matmul has computed them
+        for i in range(L):
+            if recompute:
+                h = self._block_recompute(i, h, rows, t)
+            else:
+                if qk is None:
+                    qk, v = self._qkv(i, h)
+                h = self._block_one(i, h, qk, v, rows, t)
+                qk = v = None
+                self.layer_tokens += h.shape[0]
+            if layer_logits is not None:
+                layer_logits[i + 1] = self._scatter_rows(self._unembed(h), rows)
+            threshold = self._thresholds[i]
+            if threshold is None and i < L - 1:
+                continue
+            u = self._normalize(h)
+            fused = self._exit_w.get(i)
+            out = torch.mm(u, self._head if fused is None else fused)  # (Ba, V [+ C + 2 d C])
+            logits = out[:, :V]
+            stop: torch.Tensor | None = None  # None: every running row stops here
+            if i < L - 1:
+                confidence = self._confidence(logits)  # (Ba,)
+                if h.shape[0] == 1:  # one running row: a Python bool, no index bookkeeping
+                    if confidence.item() < threshold:
+                        if fused is not None:
+                            qk, v = self._next_qkv(out, i)
+                        continue
+                else:
+                    stop = confidence >= threshold
+                    n_stop = int(stop.sum())
+                    if n_stop == 0:
+                        if fused is not None:
+                            qk, v = self._next_qkv(out, i)
+                        continue
+                    if n_stop == h.shape[0]:
+                        stop = None
+            if stop is None:
+                if rows is None:
+                    logits_out = logits
+                    exit_out.fill_(i + 1)
+                else:
+                    logits_out[rows] = logits
+                    exit_out[rows] = i + 1
+                self._finish(i, h, out, rows, t)
+                break
+            if logits_out is None:
+                logits_out = logits.new_empty(B, V)
+            stopped = stop.nonzero().squeeze(1) if rows is None else rows[stop]
+            logits_out[stopped] = logits[stop]
+            exit_out[stopped] = i + 1
+            self._finish(i, h[stop], out[stop], stopped, t)
+            keep = ~stop
+            h = h[keep]
+            rows = keep.nonzero().squeeze(1) if rows is None else rows[keep]
+            if fused is not None:
+                qk, v = self._next_qkv(out[keep], i)
+        self.pos += 1
+        return StepOutput(logits_out, exit_out, layer_logits)
+
+    def _step_one_row(self, ids: torch.Tensor, t: int) -> StepOutput:
+        """`step` for batch 1 in propagate mode: the same computation with no row bookkeeping at all."""
+        L, nh, hd = self.num_layers, self.num_heads, self.head_dim
+        h = self._embedding.index_select(0, ids)  # (1, C)
+        qk = v = None
+        for i in range(L):
+            if qk is None:
+                qk, v = self._qkv(i, h)
+            h = self._block_one(i, h, qk, v, None, t)
+            qk = None
+            threshold = self._thresholds[i]
+            if i == L - 1:
+                logits = torch.mm(self._normalize(h), self._head)
+                break
+            if threshold is None:
+                continue
+            out = torch.mm(self._normalize(h), self._exit_w[i])  # (1, V + C + 2 d C)
+            logits = out[:, : self._vocab]
+            q_end, k_end, v_end = self._exit_cuts[i]
+            if self._confidence(logits).item() >= threshold:  # stop: propagate K/V to layers i+2..L
+                d = L - 1 - i
+                k = torch.mm(out[:, self._vocab + self.dim : k_end].view(-1, hd), self._rot[t])  # (d nh, hd)
+                self._k_above[i + 1].select(4, t).copy_(k.view(d, 1, nh, hd))
+                self._v_above[i + 1].select(3, t).copy_(out[:, k_end:].view(d, 1, nh, hd))
+                self.kv_tokens += d
+                break
+            qk, v = out[:, self._vocab : q_end], out[:, k_end:v_end]  # block i+1's q|k and v
+        self.layer_tokens += i + 1
+        self.pos = t + 1
+        return StepOutput(logits, torch.full((1,), i + 1, dtype=torch.long, device=self.device))
+
+    def _next_qkv(self, out: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i+1's q|k and v from the fused exit matmul's output (see `refresh_weights`)."""
+        V, C = self._head.shape[1], self.dim
+        d = self.num_layers - 1 - i
+        return out[:, V : V + 2 * C], out[:, V + C + d * C : V + 2 * C + d * C]
+
+    def _finish(self, i: int, h: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None, t: int) -> None:
+        """Rows that stop after block i: give the blocks above them what later tokens will attend to."""
+        e = i + 1
+        if e == self.num_layers:
+            return
+        if self.kv_mode == "propagate":
+            V, C, d = self._head.shape[1], self.dim, self.num_layers - e
+            self._write_kv(e, out[:, V + C : V + C + d * C], out[:, V + C + d * C :], rows, t)
+        elif rows is None:
+            self._hidden[:, t] = h  # pending: computed when a later token needs these layers
+        else:
+            self._hidden[rows, t] = h
+
+    def _scatter_rows(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is None:
+            return x
+        out = x.new_full((self.batch_size, *x.shape[1:]), float("nan"))
+        out[rows] = x
+        return out
+
+
+def _max_prob(logits: torch.Tensor) -> torch.Tensor:
+    """`ease.routing.max_prob` for float32 logits, without its dtype conversion call."""
+    return logits.softmax(-1).amax(-1)
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous transpose: (out, in) -> (in, out) for `torch.mm(x, w)`."""
+    return w.detach().t().contiguous()

@@ -1,0 +1,299 @@
+"""Text generation with real early exit: greedy or sampled, timed against full depth with the same cache code.
+
+    from ease.generation import generate
+
+    result = generate(model, tokenizer, "The game", max_new_tokens=50, temperature=0.8, top_k=40, seed=0)
+    result.text, result.exit_layers, result.tokens_per_s, result.speedup
+
+`speedup` is tokens/s with early exit over tokens/s of the same decoder with routing off (every token
+runs every layer), so it measures what exiting saves, not what the KV cache saves.
+`theoretical_speedup` is 1 / compute_cost (the layer count), the figure early-exit papers report.
+"""
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ease.data.tokenizers import Tokenizer
+from ease.decoding import EarlyExitDecoder, check_kv_mode
+from ease.model import EarlyExitTransformer
+from ease.routing import normalize_routing
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are picked and decoded.
+
+    Attributes:
+        max_new_tokens: tokens to generate per row (>= 1).
+        temperature: 0 = greedy (argmax); > 0 divides the logits before sampling.
+        top_k: sample among the k most likely tokens only; None = all.
+        batch_size: rows decoded together (a single prompt is repeated).
+        kv_mode: "propagate" (CALM state copying) or "recompute" (exact K/V, filled later).
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int | None = None
+    batch_size: int = 1
+    kv_mode: str = "propagate"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1 or None, got {self.top_k}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        check_kv_mode(self.kv_mode)
+
+
+class TokenSampler:
+    """Picks each step's next tokens: argmax when temperature is 0, else sampling (optionally top-k).
+
+    Sampling uses the Gumbel-max trick: argmax(logits + T * G) with G = -log(Exp(1)) noise is a draw from
+    softmax(logits / T). The noise is drawn from the seeded generator in blocks of `block` steps, so a step
+    costs a handful of tensor ops (about a third of `torch.multinomial`'s cost per call, which shows at
+    batch 1 on CPU). The same generator state gives the same tokens.
+    """
+
+    def __init__(
+        self, temperature: float, top_k: int | None, generator: torch.Generator | None, block: int = 64
+    ) -> None:
+        self.temperature = temperature
+        self.top_k = top_k
+        self.generator = generator
+        self.block = block
+        self._noise: torch.Tensor | None = None  # (block, B, k) temperature-scaled Gumbel noise
+        self._used = 0
+
+    def _next_noise(self, like: torch.Tensor) -> torch.Tensor:
+        if self._noise is None or self._used == self.block or self._noise.shape[1:] != like.shape:
+            noise = torch.empty(self.block, *like.shape, dtype=like.dtype, device=like.device)
+            self._noise = noise.exponential_(generator=self.generator).log_().mul_(-self.temperature)
+            self._used = 0
+        self._used += 1
+        return self._noise[self._used - 1]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> next token ids (B,)."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        indices = None
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            logits, indices = logits.topk(self.top_k, dim=-1)  # (B, k)
+        choice = (logits + self._next_noise(logits)).argmax(-1, keepdim=True)  # (B, 1)
+        return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row from logits (B, V) with a fresh `TokenSampler` (one step). -> (B,)"""
+    return TokenSampler(temperature, top_k, generator, block=1)(logits)
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run with n intra-op threads (None: leave torch's setting), then restore it.
+
+    Decoding runs one token per row through matrices of a few dozen rows: far too little work to split
+    across threads, and each split costs a thread hand-off, which is ruinous when the cores are shared.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class DecodeRun:
+    """One timed decoding run."""
+
+    tokens: torch.Tensor  # (B, N) generated ids
+    exit_layers: torch.Tensor  # (B, N) the layer each generated token came from
+    seconds: float  # wall time of the N steps (the prefill is not included)
+    layer_tokens: int  # full block computations during the steps (recompute mode counts recomputed ones)
+    kv_tokens: int  # propagated K/V projections during the steps
+
+
+@torch.inference_mode()
+def decode(
+    model: EarlyExitTransformer,
+    prompt_ids: torch.Tensor,
+    sampling: SamplingConfig,
+    seed: int | None = 0,
+    exit_layer: int | Sequence[int] | None = None,
+    routing_threshold: float | Sequence[float] | None = None,
+    confidence: str | None = None,
+    threads: int | None = 1,
+) -> DecodeRun:
+    """Prefill the prompt (B, T0) at full depth, then generate `max_new_tokens` per row with early exit.
+
+    Generated token n comes from the step that feeds token n-1 (the last prompt token for n = 1), so each
+    generated token has exactly one step and its exit layer is that step's depth. `threads`: intra-op
+    threads while decoding (default 1, see `intra_op_threads`; None = torch's setting).
+    """
+    B, T0 = prompt_ids.shape
+    N = sampling.max_new_tokens
+    decoder = EarlyExitDecoder(model, B, T0 + N, exit_layer, routing_threshold, sampling.kv_mode, confidence)
+    generator = None if seed is None else torch.Generator(device=prompt_ids.device).manual_seed(seed)
+    if T0 > 1:
+        decoder.prefill(prompt_ids[:, :-1])
+    layer_tokens, kv_tokens = decoder.layer_tokens, decoder.kv_tokens
+    token = prompt_ids[:, -1]
+    sample = TokenSampler(sampling.temperature, sampling.top_k, generator)
+    tokens, exits = [], []  # stacked once at the end: no tensor write per step
+    with intra_op_threads(threads):
+        start = time.perf_counter()
+        for _ in range(N):
+            out = decoder.step(token)
+            token = sample(out.logits)
+            tokens.append(token)
+            exits.append(out.exit_layer)
+        seconds = time.perf_counter() - start
+    return DecodeRun(
+        torch.stack(tokens, 1), torch.stack(exits, 1), seconds, decoder.layer_tokens - layer_tokens,
+        decoder.kv_tokens - kv_tokens,
+    )  # fmt: skip
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns; `to_dict()` is JSON-ready."""
+
+    prompt: str
+    texts: list[str]  # per row: prompt + continuation, decoded
+    continuations: list[str]  # per row: the generated part only
+    token_ids: list[list[int]]  # per row: generated ids
+    exit_layers: list[list[int]]  # per row: the exit layer of each generated token
+    num_layers: int
+    tokens_per_s: float  # generated tokens (all rows) per second, with early exit
+    mean_layers_per_token: float
+    compute_cost: float  # mean_layers_per_token / num_layers (the counted cost)
+    theoretical_speedup: float  # 1 / compute_cost
+    full_depth_tokens_per_s: float | None = None  # same decoder, routing off
+    speedup: float | None = None  # tokens_per_s / full_depth_tokens_per_s
+    speedup_over_theoretical: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The first row's prompt + continuation."""
+        return self.texts[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompt: str | Sequence[str], batch_size: int) -> torch.Tensor:
+    """Token ids (B, T0): one prompt repeated batch_size times, or a list of prompts of equal token length."""
+    prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str) and len(prompts) != batch_size:
+        raise ValueError(f"prompt: got {len(prompts)} prompts for batch_size {batch_size}")
+    ids = [tokenizer.encode(p) for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise ValueError("prompt: must encode to at least one token")
+    if len({len(i) for i in ids}) > 1:
+        raise ValueError(
+            f"prompt: prompts decoded together must have the same token length, got {[len(i) for i in ids]}"
+        )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def generate(
+    model: EarlyExitTransformer,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[str],
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = 0,
+    batch_size: int | None = None,
+    kv_mode: str = "propagate",
+    exit_layer: int | Sequence[int] | None = None,
+    routing_threshold: float | Sequence[float] | None = None,
+    compare_full_depth: bool = True,
+    warmup_steps: int = 4,
+    threads: int | None = 1,
+) -> GenerationResult:
+    """Continue `prompt` with early exit and report speed.
+
+    Args:
+        model: the trained model; its routing (exit layers, thresholds, confidence) is used unless
+            `exit_layer` / `routing_threshold` are given (threshold 0 = full depth).
+        tokenizer: the tokenizer the model was trained with (a checkpoint carries it).
+        prompt: one prompt (repeated `batch_size` times) or one per row, all of the same token length.
+        max_new_tokens, temperature, top_k, kv_mode: see `SamplingConfig`.
+        seed: seeds sampling (a private generator: the global RNG is untouched); same seed, same text.
+        batch_size: rows; None = 1 for a string prompt, len(prompt) for a list.
+        compare_full_depth: also time the same decoding with routing off, for `speedup`.
+        warmup_steps: untimed steps run first, so the timings do not include first-call allocation.
+        threads: intra-op threads while decoding (default 1; None = torch's current setting).
+    """
+    if batch_size is None:
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, kv_mode)
+    device = next(model.parameters()).device
+    prompt_ids = encode_prompts(tokenizer, prompt, batch_size).to(device)
+    exits, thresholds = normalize_routing(
+        model.exit_layers if exit_layer is None else exit_layer,
+        model.routing_thresholds if routing_threshold is None else routing_threshold,
+        model.num_layers,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        if warmup_steps > 0:
+            warm = SamplingConfig(warmup_steps, temperature, top_k, batch_size, kv_mode)
+            decode(model, prompt_ids, warm, seed, exit_layer, routing_threshold, threads=threads)
+        run = decode(model, prompt_ids, sampling, seed, exit_layer, routing_threshold, threads=threads)
+        full = None
+        if compare_full_depth:
+            full = decode(model, prompt_ids, sampling, seed, exit_layer, 0.0, threads=threads)
+    finally:
+        model.train(was_training)
+    L = model.num_layers
+    n_tokens = run.tokens.numel()
+    mean_layers = run.exit_layers.double().mean().item()
+    cost = mean_layers / L
+    tokens_per_s = n_tokens / run.seconds
+    full_tps = n_tokens / full.seconds if full is not None else None
+    speedup = tokens_per_s / full_tps if full_tps else None
+    ids = run.tokens.tolist()
+    prompt_list = prompt_ids.tolist()
+    return GenerationResult(
+        prompt=prompt if isinstance(prompt, str) else "\n".join(prompt),
+        texts=[tokenizer.decode(p + g) for p, g in zip(prompt_list, ids)],
+        continuations=[tokenizer.decode(g) for g in ids],
+        token_ids=ids,
+        exit_layers=run.exit_layers.tolist(),
+        num_layers=L,
+        tokens_per_s=tokens_per_s,
+        mean_layers_per_token=mean_layers,
+        compute_cost=cost,
+        theoretical_speedup=1.0 / cost,
+        full_depth_tokens_per_s=full_tps,
+        speedup=speedup,
+        speedup_over_theoretical=speedup * cost if speedup is not None else None,
+        settings={
+            **asdict(sampling),
+            "seed": seed,
+            "exit_layers": list(exits),
+            "routing_thresholds": list(thresholds),
+            "prompt_tokens": prompt_ids.shape[1],
+            "layer_tokens": run.layer_tokens,
+            "kv_tokens": run.kv_tokens,
+            "seconds": run.seconds,
+            "threads": threads or torch.get_num_threads(),
+        },
+    )

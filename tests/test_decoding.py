@@ -1,0 +1,248 @@
+"""EarlyExitDecoder: cached decoding equals a full forward, matches plain reference decoders, batches rows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from ease import EarlyExitTransformer
+from ease.decoding import EarlyExitDecoder, rotation_matrices
+from ease.modules import apply_rotary
+from ease.routing import max_prob
+
+V, D, L, H = 24, 32, 4, 4
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture
+def model() -> EarlyExitTransformer:
+    torch.manual_seed(0)
+    m = EarlyExitTransformer(V, D, L, num_heads=H).eval()
+    with torch.no_grad():
+        m.output_head.weight.mul_(60.0)  # peaky distributions, so confidences spread out
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norm weights: the decoder folds them into matmuls
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture
+def seqs() -> torch.Tensor:
+    return torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+def between(conf: torch.Tensor, q: float) -> float:
+    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
+    values = conf.flatten().double().sort().values
+    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
+    while values[i + 1] - values[i] < 1e-4:
+        i += 1
+    return ((values[i] + values[i + 1]) / 2).item()
+
+
+def cascade(model: EarlyExitTransformer, seqs: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Exits at layers 1 and 2 with median thresholds: some tokens stop at 1, some at 2, some go on."""
+    with torch.no_grad():
+        logits = model(seqs, [1, 2])
+    return [1, 2], [between(max_prob(logits[1]), 0.6), between(max_prob(logits[2]), 0.5)]
+
+
+def run_decoder(
+    model: EarlyExitTransformer, seqs: torch.Tensor, prompt_len: int, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, EarlyExitDecoder]:
+    """Prefill seqs[:, :prompt_len], then feed the rest one token per step (teacher forcing)."""
+    B, T = seqs.shape
+    dec = EarlyExitDecoder(model, B, T, **kwargs)
+    dec.prefill(seqs[:, :prompt_len])
+    logits, exits = [], []
+    for t in range(prompt_len, T):
+        out = dec.step(seqs[:, t])
+        logits.append(out.logits)
+        exits.append(out.exit_layer)
+    return torch.stack(logits, 1), torch.stack(exits, 1), dec
+
+
+# --- a plain reference: token by token, the model's own modules, attention written out ---------------------
+
+
+@torch.no_grad()
+def reference_propagate(
+    model: EarlyExitTransformer, seq: torch.Tensor, prompt_len: int, exits: list[int], thresholds: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CALM decoding, slowly: per-layer lists of K/V; a stopped token's skipped layers get K/V from its exit state."""
+    keys: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    route = dict(zip(exits, thresholds))
+    out_logits, out_exits = [], []
+    for p, token in enumerate(seq.tolist()):
+        h = model.embedding(torch.tensor([[token]]))  # (1, 1, C)
+        cos, sin = model.rope(p, 1)
+        stopped_at = None
+        for layer, block in enumerate(model.layers, start=1):
+            if stopped_at is not None:
+                k, v = block.attn.project_kv(block.attn_norm(h), cos, sin)  # h is the exit state
+                keys[layer - 1].append(k)
+                values[layer - 1].append(v)
+                continue
+            attn = block.attn
+            q, k, v = attn.qkv(block.attn_norm(h)).split(D, dim=-1)
+            q = apply_rotary(attn._heads(q), cos, sin)
+            keys[layer - 1].append(apply_rotary(attn._heads(k), cos, sin))
+            values[layer - 1].append(attn._heads(v))
+            K, Vv = torch.cat(keys[layer - 1], 2), torch.cat(values[layer - 1], 2)  # (1, nh, p+1, hd)
+            weights = torch.softmax(q @ K.transpose(-1, -2) / (D // H) ** 0.5, dim=-1)
+            h = h + attn.proj((weights @ Vv).transpose(1, 2).reshape(1, 1, D))
+            h = h + block.ffn(block.ffn_norm(h))
+            if p >= prompt_len and (layer in route or layer == L):  # the prompt is prefilled at full depth
+                logits = model.unembed(h)[0, 0]
+                if layer == L or max_prob(logits) >= route[layer]:
+                    stopped_at = layer
+                    out_logits.append(logits)
+                    out_exits.append(layer)
+    return torch.stack(out_logits), torch.tensor(out_exits)
+
+
+@torch.no_grad()
+def reference_exact(
+    model: EarlyExitTransformer, seq: torch.Tensor, prompt_len: int, exits: list[int], thresholds: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What recompute mode must give: a full forward of the prefix at every step, routed at the last token."""
+    route = dict(zip(exits, thresholds))
+    out_logits, out_exits = [], []
+    for t in range(prompt_len, seq.numel()):
+        logits = model(seq[None, : t + 1], range(1, L + 1))
+        for layer in range(1, L + 1):
+            last = logits[layer][0, -1]
+            if layer == L or (layer in route and max_prob(last) >= route[layer]):
+                out_logits.append(last)
+                out_exits.append(layer)
+                break
+    return torch.stack(out_logits), torch.tensor(out_exits)
+
+
+# --- tests ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])
+def test_threshold_zero_equals_full_forward_at_every_layer(model, seqs, kv_mode) -> None:
+    B, T = seqs.shape
+    with torch.no_grad():
+        full = model(seqs, range(1, L + 1))
+    dec = EarlyExitDecoder(model, B, T, routing_threshold=0.0, kv_mode=kv_mode)
+    first = dec.prefill(seqs[:, :5], return_layers=True)
+    second = dec.prefill(seqs[:, 5:8], return_layers=True)  # a prefill that starts mid-cache
+    for layer in range(1, L + 1):
+        assert_close(first[layer], full[layer][:, :5], **TOL)
+        assert_close(second[layer], full[layer][:, 5:8], **TOL)
+    for t in range(8, T):
+        out = dec.step(seqs[:, t], return_layers=True)
+        assert out.exit_layer.tolist() == [L] * B
+        assert_close(out.logits, full[L][:, t], **TOL)
+        for layer in range(1, L + 1):
+            assert_close(out.layer_logits[layer], full[layer][:, t], **TOL)
+    assert dec.layer_tokens == B * T * L and dec.kv_tokens == 0
+
+
+def test_rotation_matrices_equal_apply_rotary(model) -> None:
+    cos, sin = model.rope(0, 7)
+    x = torch.randn(2, H, 7, D // H)
+    rotated = torch.einsum("bhtd,tde->bhte", x, rotation_matrices(cos, sin))
+    assert_close(rotated, apply_rotary(x, cos, sin))
+
+
+def test_propagate_matches_plain_reference_decoder(model, seqs) -> None:
+    exits, thresholds = cascade(model, seqs)
+    logits, exit_at, dec = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
+    counts = torch.bincount(exit_at.flatten(), minlength=L + 1)
+    assert counts[1] > 0 and counts[2] > 0 and counts[L] > 0, counts  # every path is exercised
+    for b in range(seqs.shape[0]):
+        ref_logits, ref_exits = reference_propagate(model, seqs[b], 6, exits, thresholds)
+        assert exit_at[b].tolist() == ref_exits.tolist()
+        assert_close(logits[b], ref_logits, **TOL)
+    steps = seqs.shape[0] * (seqs.shape[1] - 6)
+    # every (token, layer) pair of a step is either a full block or a propagated K/V, never both
+    assert dec.layer_tokens - seqs.shape[0] * 6 * L + dec.kv_tokens == steps * L
+    assert dec.kv_tokens == int(((L - exit_at).clamp(min=0)).sum())
+
+
+def test_propagation_changes_later_tokens(model, seqs) -> None:
+    """The KV trade-off is real: with propagation, deep tokens after an early exit see different K/V."""
+    exits, thresholds = cascade(model, seqs)
+    prop, prop_exits, _ = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
+    exact, _, _ = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute")
+    first_exit = (prop_exits < L).float().argmax(1)  # per row, the first step that stopped early
+    deep_later = torch.zeros_like(prop_exits, dtype=torch.bool)
+    for b, s in enumerate(first_exit.tolist()):
+        deep_later[b, s + 1 :] = prop_exits[b, s + 1 :] == L
+    assert deep_later.any()
+    assert not torch.allclose(prop[deep_later], exact[deep_later], **TOL)
+
+
+def test_recompute_matches_full_forward_routing(model, seqs) -> None:
+    exits, thresholds = cascade(model, seqs)
+    logits, exit_at, dec = run_decoder(
+        model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute"
+    )
+    assert (exit_at < L).any() and (exit_at == L).any()
+    for b in range(seqs.shape[0]):
+        ref_logits, ref_exits = reference_exact(model, seqs[b], 6, exits, thresholds)
+        assert exit_at[b].tolist() == ref_exits.tolist()
+        assert_close(logits[b], ref_logits, **TOL)
+    # pending positions after the last deep token are never computed: fewer block runs than full depth
+    assert dec.layer_tokens < seqs.numel() * L and dec.kv_tokens == 0
+
+
+@pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])
+def test_batch_rows_equal_each_row_alone(model, seqs, kv_mode) -> None:
+    exits, thresholds = cascade(model, seqs)
+    kwargs = {"exit_layer": exits, "routing_threshold": thresholds, "kv_mode": kv_mode}
+    logits, exit_at, _ = run_decoder(model, seqs, 6, **kwargs)
+    mixed = [len(set(col.tolist())) > 1 for col in exit_at.T]
+    assert any(mixed), "no step where rows of the batch exit at different layers"
+    for b in range(seqs.shape[0]):
+        alone_logits, alone_exits, _ = run_decoder(model, seqs[b : b + 1], 6, **kwargs)
+        assert exit_at[b].tolist() == alone_exits[0].tolist()
+        assert_close(logits[b], alone_logits[0], **TOL)
+
+
+def test_step_output_is_the_exit_layers_logits(model, seqs) -> None:
+    """Each row's logits are those of its exit layer; layers above it are NaN (or absent) in layer_logits."""
+    exits, thresholds = cascade(model, seqs)
+    dec = EarlyExitDecoder(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
+    dec.prefill(seqs[:, :6])
+    for t in range(6, 20):
+        out = dec.step(seqs[:, t], return_layers=True)
+        for b, e in enumerate(out.exit_layer.tolist()):
+            assert_close(out.logits[b], out.layer_logits[e][b])
+            for layer in range(e + 1, L + 1):  # a layer no row ran is left out
+                assert layer not in out.layer_logits or torch.isnan(out.layer_logits[layer][b]).all()
+
+
+def test_errors(model) -> None:
+    with pytest.raises(ValueError, match="kv_mode"):
+        EarlyExitDecoder(model, kv_mode="lazy")
+    with pytest.raises(ValueError, match="batch_size"):
+        EarlyExitDecoder(model, batch_size=0)
+    dec = EarlyExitDecoder(model, 2, 4)
+    with pytest.raises(ValueError, match="shape"):
+        dec.step(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="max_len"):
+        dec.prefill(torch.zeros(2, 5, dtype=torch.long))
+    dec = EarlyExitDecoder(model, 1, 8, routing_threshold=1e-9, kv_mode="recompute")
+    dec.step(torch.tensor([1]))  # stops at layer 1: layers 2..L pending
+    with pytest.raises(ValueError, match="pending"):
+        dec.prefill(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_batched_sampling_path_uses_only_running_rows(model, seqs) -> None:
+    """A layer that runs for a subset reads only those rows' caches: rows that stopped are not touched."""
+    exits, thresholds = cascade(model, seqs)
+    dec = EarlyExitDecoder(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
+    dec.prefill(seqs[:, :6])
+    before = dec._v.clone()
+    out = dec.step(seqs[:, 6])
+    t = 6
+    changed = (dec._v[:, :, :, t] != before[:, :, :, t]).flatten(2).any(-1)  # (L, B): slot t written
+    assert changed.all()  # a full block or a propagated K/V: every layer gets K/V at t for every row
+    assert (dec._v[:, :, :, :t] == before[:, :, :, :t]).all()  # the past is left alone
+    assert F.softmax(out.logits, -1).sum(-1).allclose(torch.ones(3))
