@@ -13,7 +13,7 @@ attend to. Two ways to fill them (`kv_mode`):
   skipped layers' K/V projections from it, with no attention and no FFN. They come out of the same matmul
   as the exit's logits (the layers' norm weights folded into a stacked weight), so a stop costs that
   wider matmul and the cache writes. Cheap, but deeper layers then see K/V made from a shallower state
-  than a full forward would give them, so later tokens' logits change (see docs/speed.md).
+  than a full forward would give them, so later tokens' logits change (see README, Speed).
 - ``"recompute"``: leave the skipped positions pending; when a later token needs layer l, the pending
   positions run layer l for real, in one chunk with that token (as in FREE's parallel decoding, Bae et
   al. 2023). Every K/V is then the exact one of a full forward, so the outputs equal a full forward routed

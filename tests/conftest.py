@@ -25,6 +25,15 @@ def random_batches(vocab_size: int, n: int = 3, batch: int = 4, seq: int = 16, s
     return out
 
 
+def between(conf: torch.Tensor, q: float, gap: float = 1e-6) -> float:
+    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
+    values = conf.flatten().double().sort().values
+    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
+    while values[i + 1] - values[i] < gap:
+        i += 1
+    return ((values[i] + values[i + 1]) / 2).item()
+
+
 @pytest.fixture
 def batches() -> list:
     return random_batches(50)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import between
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer
@@ -31,20 +32,11 @@ def seqs() -> torch.Tensor:
     return torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(1))
 
 
-def between(conf: torch.Tensor, q: float) -> float:
-    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
-    values = conf.flatten().double().sort().values
-    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
-    while values[i + 1] - values[i] < 1e-4:
-        i += 1
-    return ((values[i] + values[i + 1]) / 2).item()
-
-
 def cascade(model: EarlyExitTransformer, seqs: torch.Tensor) -> tuple[list[int], list[float]]:
     """Exits at layers 1 and 2 with median thresholds: some tokens stop at 1, some at 2, some go on."""
     with torch.no_grad():
         logits = model(seqs, [1, 2])
-    return [1, 2], [between(max_prob(logits[1]), 0.6), between(max_prob(logits[2]), 0.5)]
+    return [1, 2], [between(max_prob(logits[1]), 0.6, gap=1e-4), between(max_prob(logits[2]), 0.5, gap=1e-4)]
 
 
 def run_decoder(

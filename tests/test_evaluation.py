@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import between
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig, collect_token_stats, compute_cost, threshold_rows
@@ -42,15 +43,6 @@ def make_batches(n: int = 3, batch: int = 4, seq: int = 12, seed: int = 0, model
                 y = torch.where(choice == layer, pred, y)
         out.append((x, y))
     return out
-
-
-def between(conf: torch.Tensor, q: float) -> float:
-    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
-    values = conf.flatten().double().sort().values
-    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
-    while values[i + 1] - values[i] < 1e-6:
-        i += 1
-    return ((values[i] + values[i + 1]) / 2).item()
 
 
 def layer_outputs(model, batches) -> tuple[list[torch.Tensor], torch.Tensor]:

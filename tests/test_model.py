@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import between
 from torch.testing import assert_close
 
 from ease import (
@@ -29,15 +30,6 @@ def model() -> EarlyExitTransformer:
 @pytest.fixture
 def x() -> torch.Tensor:
     return torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(1))
-
-
-def between(conf: torch.Tensor, q: float) -> float:
-    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
-    values = conf.flatten().double().sort().values
-    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
-    while values[i + 1] - values[i] < 1e-6:
-        i += 1
-    return ((values[i] + values[i + 1]) / 2).item()
 
 
 def manual_all_layers(model: EarlyExitTransformer, x: torch.Tensor) -> list[torch.Tensor]:

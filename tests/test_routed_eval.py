@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import between
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
@@ -32,19 +33,10 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def between(conf: torch.Tensor, q: float) -> float:
-    """A threshold halfway between two neighbouring confidences near quantile q, so no token sits on it."""
-    values = conf.flatten().double().sort().values
-    i = min(max(int(q * (values.numel() - 1)), 0), values.numel() - 2)
-    while values[i + 1] - values[i] < 1e-4:
-        i += 1
-    return ((values[i] + values[i + 1]) / 2).item()
-
-
 def median_threshold(model: EarlyExitTransformer, batches, layer: int, q: float = 0.5) -> float:
     with torch.no_grad():
         conf = torch.cat([max_prob(model(x, [layer])[layer]).flatten() for x, _ in batches])
-    return between(conf, q)
+    return between(conf, q, gap=1e-4)
 
 
 @pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])

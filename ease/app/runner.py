@@ -26,6 +26,7 @@ from ease.app.records import METRICS_FILE, make_record, write_json_atomic
 from ease.checkpoint import load_weights_into, restore_training_state, save_checkpoint, training_state
 from ease.data import build_data
 from ease.seed import set_seed
+from ease.strategies.report import final_metrics
 from ease.trainer import EarlyStoppingState, Trainer
 
 log = logging.getLogger("ease")
@@ -72,7 +73,7 @@ def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, An
     """
     config = build.training_config(cfg)
     model = build.model(cfg, data.vocab_size).to(cfg.device)
-    if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
+    if cfg.compile:  # torch.compile wins in training, not in decoding (README, Speed)
         for block in model.layers:
             block.compile()
     trainer = Trainer(config, data.vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
@@ -96,24 +97,7 @@ def train_standard(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, An
         model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
         state=stopping, on_epoch_end=on_epoch_end,
     )  # fmt: skip
-    thresholds = list(cfg.routing.analysis_thresholds)
-    t0 = time.perf_counter()
-    metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
-    metrics["eval_time_s"] = time.perf_counter() - t0
-    if data.test is not None:
-        test = trainer.evaluate(model, data.test)
-        metrics["test"] = {k: test[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost", "loss")}
-    metrics.update(
-        history=result["history"],
-        best_epoch=result["best_epoch"],
-        epochs_run=result["epochs_run"],
-        train_time_s=result["train_time_s"],
-        tokens_per_s=result["tokens_per_s"],
-        num_parameters=model.num_parameters(),
-        layer_weights=config.weights_for(model.num_layers),
-        data_source=data.source,
-        vocab_size=data.vocab_size,
-    )
+    metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
     save(stopping, completed=True, metrics={k: metrics[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost")})
     return metrics
 

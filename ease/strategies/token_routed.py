@@ -9,7 +9,6 @@ from it, as for strategy=standard.
 """
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -95,23 +94,7 @@ def run(cfg: DictConfig, data: Any, output_dir: Path) -> dict[str, Any]:
         model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
         state=stopping, on_epoch_end=on_epoch_end,
     )  # fmt: skip
-    t0 = time.perf_counter()
-    metrics = trainer.evaluate(model, data.val, thresholds=list(cfg.routing.analysis_thresholds))
-    metrics["eval_time_s"] = time.perf_counter() - t0
-    test = report.evaluate_test_split(trainer, model, data)
-    if test is not None:
-        metrics["test"] = test
-    metrics.update(
-        history=result["history"],
-        best_epoch=result["best_epoch"],
-        epochs_run=result["epochs_run"],
-        train_time_s=result["train_time_s"],
-        tokens_per_s=result["tokens_per_s"],
-        num_parameters=model.num_parameters(),
-        layer_weights=config.weights_for(model.num_layers),
-        data_source=data.source,
-        vocab_size=data.vocab_size,
-    )
+    metrics = report.final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
     best = result["best_epoch"]
     metrics["strategy"] = {
         "name": "token_routed",
