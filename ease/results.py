@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,7 +507,7 @@ def plot_pareto(runs: pd.DataFrame, groups: pd.DataFrame, params: Sequence[str],
     ax.set_title("PPL vs compute")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -533,8 +533,18 @@ def plot_threshold_curves(thresholds: pd.DataFrame, params: Sequence[str], path:
     ax_cost.set(xlabel="routing threshold", ylabel="compute cost (%)", title="Compute vs threshold")
     ax_ppl.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Let `write` fill a temporary file beside `path`, then rename it: a reader never sees half a table."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- entry points -------------------------------------------------------------------------------------------
@@ -574,11 +584,11 @@ def write_results(
     res.markdown = render_markdown(res, sources, main, baseline)
     public = [c for c in runs.columns if not c.startswith("_")]
     res.files.append(out_dir / "results.csv")
-    runs[public].to_csv(res.files[-1], index=False)
+    atomic_write(res.files[-1], lambda tmp: runs[public].to_csv(tmp, index=False))
     res.files.append(out_dir / "results_groups.csv")
-    groups.to_csv(res.files[-1], index=False)
+    atomic_write(res.files[-1], lambda tmp: groups.to_csv(tmp, index=False))
     res.files.append(out_dir / "results.md")
-    res.files[-1].write_text(res.markdown, encoding="utf-8")
+    atomic_write(res.files[-1], lambda tmp: tmp.write_text(res.markdown, encoding="utf-8"))
     if plots and not finished(runs).empty:
         res.files.append(out_dir / "ppl_vs_compute.png")
         plot_pareto(runs, groups, params, res.files[-1])

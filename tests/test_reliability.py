@@ -91,3 +91,21 @@ def test_json_writes_are_atomic(tmp_path: Path) -> None:
         write_json_atomic(path, {"status": "broken", "bad": object()})
     assert json.loads(path.read_text())["status"] == "ok"  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_results_tables_are_written_atomically(tmp_path: Path) -> None:
+    from ease.results import atomic_write
+
+    table = tmp_path / "results.csv"
+    table.write_text("run,ppl\nold,1.0\n")
+
+    def crash_half_way(tmp: Path) -> None:
+        tmp.write_text("run,ppl\nnew,")
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(table, crash_half_way)
+    assert table.read_text() == "run,ppl\nold,1.0\n"
+    assert list(tmp_path.iterdir()) == [table]
+    atomic_write(table, lambda tmp: tmp.write_text("run,ppl\nnew,2.0\n"))
+    assert table.read_text() == "run,ppl\nnew,2.0\n"
