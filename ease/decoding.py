@@ -26,7 +26,8 @@ depth is that token's exit layer. Weights are read when the decoder is built: bu
 
 At these model sizes a step's time is mostly per-operation overhead, not arithmetic, so the code counts
 operations: preallocated caches written in place, RoPE as one small matmul, norms folded into weights,
-the next block's q/k/v taken from the exit matmul, and no per-step Python containers.
+the next block's q/k/v taken from the exit matmul, block 1's projections looked up per word (batch 1),
+views by `narrow`/`select` rather than `[]` indexing, and no per-step Python containers.
 """
 
 from collections.abc import Sequence
@@ -132,7 +133,10 @@ class EarlyExitDecoder:
                 self._thresholds[e - 1] = t
         measure = confidence or model.confidence
         self._confidence = _max_prob if measure == "max_prob" else confidence_fn(measure)
+        self._one_row = batch_size == 1 and kv_mode == "propagate"  # `step` takes `_step_one_row`
         self.device = next(model.parameters()).device
+        # batch 1 returns these as exit_layer (shared, not one allocation per step): callers must not write to them
+        self._exit_ids = [torch.full((1,), e, dtype=torch.long, device=self.device) for e in range(1, L + 1)]
         cos, sin = model.rope(0, max_len)
         self._cos, self._sin = cos, sin  # (T, hd/2), for chunks
         self._rot = list(rotation_matrices(cos, sin).unbind(0))  # T x (hd, hd), for single positions
@@ -175,17 +179,20 @@ class EarlyExitDecoder:
             qkv = b.attn.qkv.weight * b.attn_norm.weight * scale.to(b.attn.qkv.weight)  # (3C, C)
             w13 = b.ffn.w13.weight * b.ffn_norm.weight * root
             self._blocks.append(_Block(_t(qkv), _t(b.attn.proj.weight), _t(w13), _t(b.ffn.w2.weight)))
-        self._hidden_dim = self._blocks[0].w2.shape[0]
         self._vocab = m.output_head.weight.shape[0]
         self._embedding = m.embedding.weight.detach()
         self._head = _t(m.output_head.weight * m.norm.weight * root)  # (C, V)
+        # Block 1's q|k|v of every word, (V, 3C): its input is an embedding row, so a batch-1 step looks its
+        # projections up instead of normalising and multiplying (4 ops of a fixed per-token cost).
+        qkv_words = torch.mm(self._normalize(self._embedding), self._blocks[0].qkv)
+        self._qk_words, self._v_words = qkv_words[:, : 2 * C].contiguous(), qkv_words[:, 2 * C :].contiguous()
         # After block i with an active exit (propagate mode), ONE matmul of the normalised state gives:
         #   [ logits (V) | q of block i+1 (C) | K of blocks i+1..L-1 (dC) | V of blocks i+1..L-1 (dC) ]
         # Rows that go on take block i+1's q, k, v from it (no norm, no matmul of their own); rows that stop
         # take every skipped block's K/V from it (CALM propagation of the exit state). Both reuse the norm
         # the head needed anyway; the unused part costs a wider matmul, far less than a second call.
         self._exit_w: dict[int, torch.Tensor] = {}
-        self._exit_cuts: dict[int, tuple[int, int, int]] = {}  # ends of block i+1's q|k, of every K, of its v
+        self._exit_v_start: dict[int, int] = {}  # where the V columns begin (block i+1's v first)
         if self.kv_mode == "propagate":
             for i, threshold in enumerate(self._thresholds[:-1]):
                 if threshold is not None:
@@ -194,7 +201,7 @@ class EarlyExitDecoder:
                     parts += [blk.qkv[:, C : 2 * C] for blk in deeper] + [blk.qkv[:, 2 * C :] for blk in deeper]
                     self._exit_w[i] = torch.cat(parts, dim=1).contiguous()
                     V, d = self._vocab, len(deeper)
-                    self._exit_cuts[i] = (V + 2 * C, V + C + d * C, V + 2 * C + d * C)
+                    self._exit_v_start[i] = V + C + d * C
 
     def reset(self) -> None:
         """Forget every position (the buffers are kept)."""
@@ -238,21 +245,21 @@ class EarlyExitDecoder:
         nh, hd = self.num_heads, self.head_dim
         qk = torch.mm(qk.reshape(-1, hd), self._rot[t]).view(Ba, 2, nh, hd)  # q and k rotated to position t
         v = v.reshape(Ba, nh, hd)
+        # narrow/select/chunk rather than [] indexing: the same views for less Python dispatch per step
         if rows is None:
-            self._k_layer[i].select(3, t).copy_(qk[:, 1])
+            self._k_layer[i].select(3, t).copy_(qk.select(1, 1))
             self._v_layer[i].select(2, t).copy_(v)
-            keys, values = self._k_rows[i][:, :, : t + 1], self._v_rows[i][:, : t + 1]  # views, no copy
+            keys, values = self._k_rows[i].narrow(2, 0, t + 1), self._v_rows[i].narrow(1, 0, t + 1)  # no copy
         else:
             self._k_layer[i].select(3, t)[rows] = qk[:, 1]
             self._v_layer[i].select(2, t)[rows] = v
             keys = self._k[i][rows, :, :, : t + 1].view(Ba * nh, hd, t + 1)  # only the running rows' caches
             values = self._v[i][rows, :, : t + 1].view(Ba * nh, t + 1, hd)
-        scores = torch.bmm(qk[:, 0].reshape(Ba * nh, 1, hd), keys)  # (Ba nh, 1, t+1); q carries 1/sqrt(hd)
+        scores = torch.bmm(qk.select(1, 0).reshape(Ba * nh, 1, hd), keys)  # (Ba nh, 1, t+1); q carries 1/sqrt(hd)
         y = torch.bmm(scores.softmax(-1), values).view(Ba, C)
         h = torch.addmm(h, y, w.proj)
-        gate_up = torch.mm(self._normalize(h), w.w13)  # (Ba, 2H)
-        H = self._hidden_dim
-        return torch.addmm(h, F.silu(gate_up[:, :H]).mul_(gate_up[:, H:]), w.w2)
+        gate, up = torch.mm(self._normalize(h), w.w13).chunk(2, 1)  # (Ba, H) each
+        return torch.addmm(h, F.silu(gate).mul_(up), w.w2)
 
     def _block_chunk(self, i: int, h: torch.Tensor, start: int, rows: list[int] | None) -> torch.Tensor:
         """Block i on positions start..start+m-1 of the given rows (prefill, recompute). (G, m, C) -> (G, m, C)."""
@@ -362,6 +369,7 @@ class EarlyExitDecoder:
         """Feed one token per row (B,) at the next position; each row runs until its exit.
 
         With `return_layers`, also returns each computed layer's logits (slow: a head at every layer).
+        At batch 1 the returned `exit_layer` is a tensor the decoder reuses: read it, do not write to it.
         """
         if not torch.is_inference_mode_enabled():  # entering costs microseconds: callers may hold it
             with torch.inference_mode():
@@ -369,8 +377,9 @@ class EarlyExitDecoder:
         B, L, t = self.batch_size, self.num_layers, self.pos
         if ids.shape != (B,):
             raise ValueError(f"step: ids must have shape ({B},), got {tuple(ids.shape)}")
-        self._room(1)
-        if B == 1 and not return_layers and self.kv_mode == "propagate":
+        if t >= self.max_len:
+            self._room(1)
+        if self._one_row and not return_layers:
             return self._step_one_row(ids, t)
         V = self._vocab
         recompute = self.kv_mode == "recompute"
@@ -440,9 +449,13 @@ class EarlyExitDecoder:
 
     def _step_one_row(self, ids: torch.Tensor, t: int) -> StepOutput:
         """`step` for batch 1 in propagate mode: the same computation with no row bookkeeping at all."""
-        L, nh, hd = self.num_layers, self.num_heads, self.head_dim
-        h = self._embedding.index_select(0, ids)  # (1, C)
-        qk = v = None
+        L, nh, hd, C, V = self.num_layers, self.num_heads, self.head_dim, self.dim, self._vocab
+        max_prob = self._confidence is _max_prob
+        word = int(ids)
+        if word < 0:  # narrow would count from the end, where index_select raised
+            raise IndexError(f"step: token id {word} is negative")
+        h = self._embedding.narrow(0, word, 1)  # (1, C), a view: blocks never write into their input
+        qk, v = self._qk_words.narrow(0, word, 1), self._v_words.narrow(0, word, 1)
         for i in range(L):
             if qk is None:
                 qk, v = self._qkv(i, h)
@@ -455,19 +468,21 @@ class EarlyExitDecoder:
             if threshold is None:
                 continue
             out = torch.mm(self._normalize(h), self._exit_w[i])  # (1, V + C + 2 d C)
-            logits = out[:, : self._vocab]
-            q_end, k_end, v_end = self._exit_cuts[i]
-            if self._confidence(logits).item() >= threshold:  # stop: propagate K/V to layers i+2..L
+            logits = out.narrow(1, 0, V)
+            v_start = self._exit_v_start[i]
+            # softmax().max() reduces to a 0-d tensor, a little cheaper than amax(-1) of a row: same value
+            confidence = logits.softmax(-1).max() if max_prob else self._confidence(logits)
+            if confidence.item() >= threshold:  # stop: propagate K/V to layers i+2..L
                 d = L - 1 - i
-                k = torch.mm(out[:, self._vocab + self.dim : k_end].view(-1, hd), self._rot[t])  # (d nh, hd)
+                k = torch.mm(out.narrow(1, V + C, d * C).view(-1, hd), self._rot[t])  # (d nh, hd)
                 self._k_above[i + 1].select(4, t).copy_(k.view(d, 1, nh, hd))
-                self._v_above[i + 1].select(3, t).copy_(out[:, k_end:].view(d, 1, nh, hd))
+                self._v_above[i + 1].select(3, t).copy_(out.narrow(1, v_start, d * C).view(d, 1, nh, hd))
                 self.kv_tokens += d
                 break
-            qk, v = out[:, self._vocab : q_end], out[:, k_end:v_end]  # block i+1's q|k and v
+            qk, v = out.narrow(1, V, 2 * C), out.narrow(1, v_start, C)  # block i+1's q|k and v
         self.layer_tokens += i + 1
         self.pos = t + 1
-        return StepOutput(logits, torch.full((1,), i + 1, dtype=torch.long, device=self.device))
+        return StepOutput(logits, self._exit_ids[i])
 
     def _next_qkv(self, out: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i+1's q|k and v from the fused exit matmul's output (see `refresh_weights`)."""

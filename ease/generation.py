@@ -70,13 +70,14 @@ class TokenSampler:
         self.top_k = top_k
         self.generator = generator
         self.block = block
-        self._noise: torch.Tensor | None = None  # (block, B, k) temperature-scaled Gumbel noise
+        self._noise: list[torch.Tensor] = []  # block x (B, k) temperature-scaled Gumbel noise, as views
         self._used = 0
 
     def _next_noise(self, like: torch.Tensor) -> torch.Tensor:
-        if self._noise is None or self._used == self.block or self._noise.shape[1:] != like.shape:
+        if self._used == len(self._noise) or self._noise[0].shape != like.shape:
             noise = torch.empty(self.block, *like.shape, dtype=like.dtype, device=like.device)
-            self._noise = noise.exponential_(generator=self.generator).log_().mul_(-self.temperature)
+            noise.exponential_(generator=self.generator).log_().mul_(-self.temperature)
+            self._noise = list(noise.unbind(0))  # views made once per block, not one indexing op per step
             self._used = 0
         self._used += 1
         return self._noise[self._used - 1]
@@ -85,11 +86,13 @@ class TokenSampler:
         """logits (B, V) -> next token ids (B,)."""
         if self.temperature == 0:
             return logits.argmax(-1)
-        indices = None
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            logits, indices = logits.topk(self.top_k, dim=-1)  # (B, k)
-        choice = (logits + self._next_noise(logits)).argmax(-1, keepdim=True)  # (B, 1)
-        return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
+        if self.top_k is None or self.top_k >= logits.shape[-1]:
+            return (logits + self._next_noise(logits)).argmax(-1)
+        values, indices = logits.topk(self.top_k, dim=-1)  # (B, k), ours to overwrite
+        choice = values.add_(self._next_noise(values)).argmax(-1)  # (B,)
+        if logits.shape[0] == 1:  # one row: index the flat ids, one op instead of gather + squeeze
+            return indices.take(choice)
+        return indices.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
 def sample_next(
