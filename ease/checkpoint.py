@@ -33,6 +33,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def resolve_checkpoint_path(value: str | None, task: str) -> Path:
+    """`checkpoint=` as a file: a checkpoint.pt, or a run folder holding one; one-line errors otherwise."""
+    if not value:
+        raise ValueError(
+            f"checkpoint: task={task} needs checkpoint=PATH (a checkpoint.pt or the run folder holding it)"
+        )
+    path = Path(value).expanduser()
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"checkpoint: file not found: {path}")
+    return path.resolve()
+
+
 def save_checkpoint(path: str | Path, model: EarlyExitTransformer, tokenizer: dict | None = None, **extra: Any) -> None:
     """Model weights + constructor arguments + the tokenizer's dict + anything else (e.g. the config)."""
     atomic_save({"model_args": model.config_dict(), "model": model.state_dict(), "tokenizer": tokenizer, **extra}, path)

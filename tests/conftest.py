@@ -1,6 +1,8 @@
 """Shared test set-up: the WikiText-2 location and small seeded batches."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,26 @@ torch.set_num_threads(1)
 # CI clones the repo with shared/ beside it; EASE_DATA_DIR (set by .ci/run) wins when present.
 os.environ.setdefault("EASE_DATA_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
 WIKITEXT_DIR = Path(os.environ["EASE_DATA_DIR"])
+
+
+TIMING_KEYS = {"train_time_s", "tokens_per_s", "eval_time_s"}
+
+
+def strip_timing(obj):
+    """Metrics without wall-clock figures, which legitimately differ between runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def train_py(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 def random_batches(vocab_size: int, n: int = 3, batch: int = 4, seq: int = 16, seed: int = 0) -> list:

@@ -1,40 +1,20 @@
 """Reliability: resume after a kill is bit-identical, runs are deterministic, NaN stops cleanly, writes are atomic."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, compose
+from conftest import FAST, compose, strip_timing, train_py
 
 from ease.app.records import write_json_atomic
 from ease.app.runner import run
 from ease.trainer import NonFiniteLossError, Trainer
 
-TIMING_KEYS = {"train_time_s", "tokens_per_s", "eval_time_s"}
 RUN = [
     "+preset=asymmetric", "model=tiny", "data=synthetic", "data.synthetic_tokens=6000", "schedule=linear",
     "train.max_epochs=4", "train.patience=10", "progress=false", "threads=1",
 ]  # fmt: skip
-
-
-def strip_timing(obj):
-    """Metrics without wall-clock figures, which legitimately differ between runs."""
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
-def train_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
-    )  # fmt: skip
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:

@@ -1,13 +1,11 @@
 """strategy=ashem and strategy=token_routed through train.py: records, checkpoints, bad input, sweeps."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, compose
+from conftest import FAST, compose, train_py
 
 from ease.app.runner import run, validate
 from ease.checkpoint import load_checkpoint
@@ -19,12 +17,6 @@ STANDARD_KEYS = (
     "ppl", "acc", "shallow_ratio", "compute_cost", "per_exit", "threshold_analysis", "history", "train_time_s",
     "tokens_per_s", "best_epoch", "epochs_run", "num_parameters", "layer_weights", "vocab_size",
 )  # fmt: skip
-
-
-def train_py(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def synthetic_val(record: dict):

@@ -8,20 +8,16 @@ after that epoch's checkpoint) in a fraction of the time.
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import compose, strip_timing, train_py
 
 import ease.strategies.resume
 from ease.app.runner import run
 from ease.checkpoint import load_checkpoint
 
-TIMING_KEYS = {"train_time_s", "tokens_per_s", "eval_time_s"}
 # 6 epochs: phase 1 runs into max_epochs with its last epoch not improving (so the best one is restored),
 # phase 2 stops early after 2 of 4 epochs. Dropout and several batches per epoch make the restored RNG state
 # and the data order matter.
@@ -41,22 +37,6 @@ TOKEN_ROUTED = [
 
 class Interrupted(BaseException):
     """Stands in for a kill in-process: raised by the kill hook right after an epoch's checkpoint."""
-
-
-def strip_timing(obj):
-    """Metrics without wall-clock figures, which legitimately differ between runs."""
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
-def train_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
-    )  # fmt: skip
 
 
 def metrics(overrides: list[str], out: Path) -> dict:

@@ -1,23 +1,15 @@
 """train.py end to end: every preset for one epoch, the subprocess entry point, -m, and bad configurations."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, compose
+from conftest import FAST, REPO, compose, train_py
 
 from ease.app.runner import run
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))
 METRIC_KEYS = ("ppl", "acc", "shallow_ratio", "compute_cost", "per_exit", "history", "threshold_analysis")
-
-
-def train_py(*args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize("name", PRESETS)

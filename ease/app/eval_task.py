@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ease.app import build
-from ease.checkpoint import atomic_save, load_checkpoint
+from ease.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint_path
 from ease.config import TrainingConfig
 from ease.data import build_data
 from ease.data.tokenizers import tokenizer_from_dict
@@ -32,18 +32,6 @@ log = logging.getLogger("ease")
 
 CACHE_DIR = "eval_cache"
 SPLITS = ("val", "test")
-
-
-def checkpoint_path(value: str | None) -> Path:
-    """`checkpoint=` as a file: a checkpoint.pt, or a run folder holding one."""
-    if not value:
-        raise ValueError("checkpoint: task=eval needs checkpoint=PATH (a checkpoint.pt or the run folder holding it)")
-    path = Path(value).expanduser()
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ValueError(f"checkpoint: file not found: {path}")
-    return path.resolve()
 
 
 class CachedStatsTrainer(Trainer):
@@ -124,7 +112,7 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Load `cfg.checkpoint`, evaluate it under `cfg.routing`, return the metrics (no training)."""
     if cfg.task.split not in SPLITS:
         raise ValueError(f"task.split: must be one of {', '.join(SPLITS)}, got {cfg.task.split!r}")
-    path = checkpoint_path(cfg.checkpoint)
+    path = resolve_checkpoint_path(cfg.checkpoint, "eval")
     model, ckpt = load_checkpoint(path, map_location=cfg.device)
     if not ckpt.get("tokenizer"):
         raise ValueError(f"checkpoint: {path} holds no tokenizer, so its data cannot be rebuilt")

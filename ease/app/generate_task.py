@@ -15,27 +15,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ease.app import build
-from ease.checkpoint import load_checkpoint
+from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.data.tokenizers import tokenizer_from_dict
 from ease.generation import SamplingConfig, generate
 
 log = logging.getLogger("ease")
 
 GENERATED_FILE = "generated.txt"
-
-
-def checkpoint_file(value: str | None) -> Path:
-    """`checkpoint=` as a file: a checkpoint.pt, or a run folder holding one."""
-    if not value:
-        raise ValueError(
-            "checkpoint: task=generate needs checkpoint=PATH (a checkpoint.pt or the run folder holding it)"
-        )
-    path = Path(value).expanduser()
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise ValueError(f"checkpoint: file not found: {path}")
-    return path.resolve()
 
 
 def sampling_config(cfg: DictConfig) -> SamplingConfig:
@@ -52,7 +38,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     sampling = sampling_config(cfg)
     if cfg.prompt is None or not str(cfg.prompt).strip():
         raise ValueError('prompt: task=generate needs prompt="TEXT" (the text to continue)')
-    path = checkpoint_file(cfg.checkpoint)
+    path = resolve_checkpoint_path(cfg.checkpoint, "generate")
     model, ckpt = load_checkpoint(path, map_location=cfg.device)
     if not ckpt.get("tokenizer"):
         raise ValueError(f"checkpoint: {path} holds no tokenizer to encode the prompt with")
