@@ -38,6 +38,17 @@ def train_py(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int
     )  # fmt: skip
 
 
+def peaky_model(vocab: int, dim: int, layers: int, heads: int):
+    """A seeded eval-mode model with a scaled-up head: peaky distributions, so confidences spread out."""
+    from ease.model import EarlyExitTransformer
+
+    torch.manual_seed(0)
+    m = EarlyExitTransformer(vocab, dim, layers, num_heads=heads).eval()
+    with torch.no_grad():
+        m.output_head.weight.mul_(60.0)
+    return m
+
+
 def random_batches(vocab_size: int, n: int = 3, batch: int = 4, seq: int = 16, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import between
+from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer
@@ -17,10 +17,8 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 @pytest.fixture
 def model() -> EarlyExitTransformer:
-    torch.manual_seed(0)
-    m = EarlyExitTransformer(V, D, L, num_heads=H).eval()
+    m = peaky_model(V, D, L, H)
     with torch.no_grad():
-        m.output_head.weight.mul_(60.0)  # peaky distributions, so confidences spread out
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):  # non-trivial norm weights: the decoder folds them into matmuls
                 p.uniform_(0.5, 1.5)

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import between
+from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import (
@@ -20,11 +20,7 @@ V, D, L, H = 50, 16, 3, 2
 
 @pytest.fixture
 def model() -> EarlyExitTransformer:
-    torch.manual_seed(0)
-    m = EarlyExitTransformer(V, D, L, num_heads=H).eval()
-    with torch.no_grad():
-        m.output_head.weight.mul_(60.0)  # peaky distributions, so confidences spread out
-    return m
+    return peaky_model(V, D, L, H)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import between
+from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
@@ -16,11 +16,7 @@ KEYS = ("ppl", "acc", "shallow_ratio", "compute_cost")
 
 @pytest.fixture
 def model() -> EarlyExitTransformer:
-    torch.manual_seed(0)
-    m = EarlyExitTransformer(V, D, L, num_heads=H).eval()
-    with torch.no_grad():
-        m.output_head.weight.mul_(60.0)  # peaky distributions, so confidences spread out
-    return m
+    return peaky_model(V, D, L, H)
 
 
 @pytest.fixture
