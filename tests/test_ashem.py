@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batches as conftest_batches
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, StageConfig, TrainingConfig
@@ -41,12 +42,7 @@ def make_model(num_layers: int, seed: int = 0, **kwargs) -> EarlyExitTransformer
 
 
 def random_batches(n: int = 3, batch: int = 4, seq: int = 12, seed: int = 0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, V, (batch, seq + 1), generator=g)
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+    return conftest_batches(V, n, batch, seq, seed)
 
 
 def manual_confidences(model: EarlyExitTransformer, batches: list, layer: int) -> torch.Tensor:

@@ -5,17 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batches as conftest_batches
 
 VOCAB = 1000
 
 
-def random_batches(n: int = 2, batch: int = 4, seq: int = 16, seed: int = 0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, VOCAB, (batch, seq + 1), generator=g)
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+def random_batches(n: int = 2, seed: int = 0) -> list:
+    return conftest_batches(VOCAB, n, seed=seed)
 
 
 @pytest.fixture
