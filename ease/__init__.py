@@ -4,7 +4,40 @@ Every early-exit training method is a configuration: per-layer loss weights (wit
 per-layer learning-rate scales, and confidence routing at inference.
 """
 
-from ease.ashem import (
+from ease.config import (
+    StageConfig,
+    TrainingConfig,
+    UniversalConfig,
+    create_deep_supervision_config,
+    create_standard_config,
+)
+from ease.evaluation import TokenStats, collect_token_stats, threshold_rows
+from ease.inference import (
+    KV_MODES,
+    EarlyExitDecoder,
+    FusedDecoder,
+    GenerationResult,
+    SamplingConfig,
+    StepOutput,
+    TokenSampler,
+    evaluate_routed,
+    generate,
+    skip_routed_forward,
+)
+from ease.losses import token_routed_loss
+from ease.model import (
+    Backbone,
+    DEEDTransformer,
+    DeepSupervisionTransformer,
+    EarlyExitTransformer,
+    RoutedOutput,
+    StandardTransformer,
+)
+from ease.presets import PRESET_ALIASES, PRESETS
+from ease.routing import CONFIDENCE_MEASURES, compute_cost, normalize_routing, route_by_confidence
+from ease.schedule import AlphaSchedule
+from ease.seed import set_seed
+from ease.strategies.ashem import (
     ASHEMConfig,
     HardExamples,
     collect_hard_examples,
@@ -15,30 +48,8 @@ from ease.ashem import (
     run_ashem,
     train_upper_layers,
 )
-from ease.config import (
-    StageConfig,
-    TrainingConfig,
-    UniversalConfig,
-    create_deep_supervision_config,
-    create_standard_config,
-)
-from ease.decoding import KV_MODES, EarlyExitDecoder, StepOutput
-from ease.evaluation import TokenStats, collect_token_stats, threshold_rows
-from ease.generation import GenerationResult, SamplingConfig, TokenSampler, generate
-from ease.model import (
-    DEEDTransformer,
-    DeepSupervisionTransformer,
-    EarlyExitTransformer,
-    RoutedOutput,
-    StandardTransformer,
-)
-from ease.presets import PRESET_ALIASES, PRESETS
-from ease.routed_eval import evaluate_routed, skip_routed_forward
-from ease.routing import CONFIDENCE_MEASURES, compute_cost, normalize_routing, route_by_confidence
-from ease.schedule import AlphaSchedule
-from ease.seed import set_seed
-from ease.token_routed import TokenRoutedTrainer, TokenRoutedTransformer, token_routed_loss
-from ease.trainer import EarlyStoppingState, EpochResult, NonFiniteLossError, Trainer, UniversalTrainer
+from ease.strategies.token_routed import TokenRoutedTrainer, TokenRoutedTransformer
+from ease.training import EarlyStoppingState, EpochResult, NonFiniteLossError, Trainer, UniversalTrainer, fit
 
 __version__ = "0.1.0"
 
@@ -49,12 +60,14 @@ __all__ = [
     "PRESET_ALIASES",
     "ASHEMConfig",
     "AlphaSchedule",
+    "Backbone",
     "DEEDTransformer",
     "DeepSupervisionTransformer",
     "EarlyExitDecoder",
     "EarlyExitTransformer",
     "EarlyStoppingState",
     "EpochResult",
+    "FusedDecoder",
     "GenerationResult",
     "HardExamples",
     "NonFiniteLossError",
@@ -81,6 +94,7 @@ __all__ = [
     "create_standard_config",
     "evaluate_on_hard_examples",
     "evaluate_routed",
+    "fit",
     "generate",
     "normalize_routing",
     "route_by_confidence",

@@ -1,36 +1,21 @@
 """Saving and loading models with what is needed to use them again (architecture, tokenizer, metadata).
 
-Writes are atomic: a temporary file in the same folder, then a rename, so a kill mid-write never leaves
-a truncated checkpoint where a good one was.
+A checkpoint is one dict of plain data and tensors, written atomically (`ease.io.atomic_save`) and read back
+with `torch.load(weights_only=True)`, so loading a file can never run code from it.
 """
 
-import os
-import random
-import tempfile
+import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ease.model import EarlyExitTransformer
-from ease.trainer import EarlyStoppingState, Trainer
+from ease.io import atomic_save
+from ease.model.transformer import EarlyExitTransformer
 
+log = logging.getLogger("ease")
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` through a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+ARCHITECTURE_KEYS = ("vocab_size", "dim", "num_layers", "num_heads", "hidden_dim")
 
 
 def resolve_checkpoint_path(value: str | None, task: str) -> Path:
@@ -52,76 +37,62 @@ def save_checkpoint(path: str | Path, model: EarlyExitTransformer, tokenizer: di
     atomic_save({"model_args": model.config_dict(), "model": model.state_dict(), "tokenizer": tokenizer, **extra}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[EarlyExitTransformer, dict]:
-    """Rebuild the model from a checkpoint; returns (model, the whole checkpoint dict)."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", key: str = "checkpoint") -> dict:
+    """The checkpoint dict at `path`; one-line ValueError (naming `key`) if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint: file not found: {path}")
+        raise ValueError(f"{key}: file not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated or foreign files raise many different errors
-        raise ValueError(f"checkpoint: cannot read {path}: {type(err).__name__}: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{key}: cannot read {path}: {type(err).__name__}: {first}") from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"checkpoint: {path} is not an EASE checkpoint (no model_args/model)")
+        raise ValueError(f"{key}: {path} is not an EASE checkpoint (no model_args/model)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[EarlyExitTransformer, dict]:
+    """Rebuild the model from a checkpoint; returns (model, the whole checkpoint dict)."""
+    ckpt = read_checkpoint(path, map_location)
     model = EarlyExitTransformer(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
 
+def check_architecture(ckpt: dict[str, Any], path: str | Path, expected: dict[str, Any]) -> None:
+    """One-line ValueError when the checkpoint's model differs from the configured one in a key of `expected`."""
+    theirs = ckpt.get("model_args", {})
+    for key, value in expected.items():
+        if theirs.get(key) != value:
+            raise ValueError(f"checkpoint: {path} has {key}={theirs.get(key)}, the configured model has {value}")
+
+
+def architecture(model: EarlyExitTransformer, **overrides: Any) -> dict[str, Any]:
+    """The architecture keys of `model`'s constructor arguments, with `overrides` (e.g. another depth)."""
+    args = model.config_dict()
+    return {key: overrides.get(key, args[key]) for key in ARCHITECTURE_KEYS}
+
+
 def load_weights_into(model: EarlyExitTransformer, ckpt: dict[str, Any], path: str | Path) -> None:
     """Load a checkpoint's weights into an already built model, with a one-line error on a size mismatch."""
-    theirs, ours = ckpt.get("model_args", {}), model.config_dict()
-    for key in ("vocab_size", "dim", "num_layers", "num_heads", "hidden_dim"):
-        if theirs.get(key) != ours[key]:
-            raise ValueError(f"checkpoint: {path} has {key}={theirs.get(key)}, the configured model has {ours[key]}")
+    check_architecture(ckpt, path, architecture(model))
     model.load_state_dict(ckpt["model"])
 
 
-# --- training state, for resuming --------------------------------------------------------------------------
+def load_for_resume(path: Path, strategy: str, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The checkpoint in a run folder that `resume=true` carries on from; None means start afresh.
 
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from: Python, NumPy, torch CPU (and CUDA when present)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def training_state(
-    trainer: Trainer, optimizer: torch.optim.Optimizer, stopping: EarlyStoppingState, completed: bool
-) -> dict[str, Any]:
-    """What `resume` needs beyond the weights: optimizer, schedule position, RNGs, early-stopping state."""
-    return {
-        "epoch": len(stopping.history),
-        "completed": completed,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-        "trainer": {"epoch": trainer.epoch, "weight_history": trainer.weight_history},
-        "early_stopping": {
-            "best_metric": stopping.best_metric,
-            "best_epoch": stopping.best_epoch,
-            "bad_epochs": stopping.bad_epochs,
-            "best_state": stopping.best_state,
-            "history": stopping.history,
-        },
-    }
-
-
-def restore_training_state(
-    state: dict[str, Any], trainer: Trainer, optimizer: torch.optim.Optimizer
-) -> EarlyStoppingState:
-    """Put the optimizer, trainer and RNGs back where `training_state` found them."""
-    optimizer.load_state_dict(state["optimizer"])
-    trainer.epoch = state["trainer"]["epoch"]
-    trainer.weight_history = list(state["trainer"]["weight_history"])
-    set_rng_state(state["rng"])
-    return EarlyStoppingState(**state["early_stopping"])
+    Raises a one-line ValueError if the file cannot be read or holds no training state of `strategy`.
+    """
+    if not path.is_file():
+        log.warning("resume=true but %s does not exist: starting from scratch", path)
+        return None
+    ckpt = read_checkpoint(path, map_location, key="resume")
+    state = ckpt.get("train_state")
+    if not isinstance(state, dict):
+        raise ValueError(f"resume: {path} holds no training state (saved by another task?)")
+    found = state.get("strategy", "standard")
+    if found != strategy:
+        raise ValueError(f"resume: {path} was saved by a strategy={found} run, this run is strategy={strategy}")
+    return ckpt

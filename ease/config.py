@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ease.routing import CONFIDENCE_MEASURES, normalize_routing
-from ease.schedule import AlphaSchedule, uniform
+from ease.losses import uniform
+from ease.schedule import AlphaSchedule
 
 
 @dataclass

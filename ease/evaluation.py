@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ease.model.backbone import Backbone, exit_logits
 from ease.routing import confidence_fn, normalize_routing, route_from_confidences
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -71,7 +72,7 @@ class TokenStats:
 
 @torch.no_grad()
 def collect_token_stats(
-    model: torch.nn.Module,
+    model: Backbone,
     batches: Iterable[Batch],
     exit_layers: Sequence[int],
     report_layers: Iterable[int] = (),
@@ -90,7 +91,7 @@ def collect_token_stats(
     try:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            logits = model(x, layers)
+            logits = exit_logits(model, x, layers)
             target = y.reshape(-1)
             stats.num_tokens += target.numel()
             for layer in layers:

@@ -1,13 +1,16 @@
 """The seeds' named configurations (3-layer model), as fresh TrainingConfig objects.
 
-They reproduce methods; they are not recommendations (seed 000). Aliases are the names seed 001 used.
+They reproduce methods; they are not recommendations (seed 000). The registry of presets is conf/preset/
+(`python train.py +preset=NAME`); this module is its Python face for the presets that are a TrainingConfig,
+with the same names, and a test holds every entry equal to its YAML file. The strategy presets (ashem,
+token_routed) are flows, not configs: they exist as YAML only. Aliases are the names seed 001 used.
 """
 
 import copy
 from collections.abc import Iterator, Mapping
 
 from ease.config import TrainingConfig
-from ease.schedule import asymmetric, final_only, uniform
+from ease.losses import asymmetric, final_only, uniform
 
 _L = 3
 _DEFINITIONS: dict[str, TrainingConfig] = {
@@ -28,10 +31,10 @@ _DEFINITIONS: dict[str, TrainingConfig] = {
         layer_weights=asymmetric(_L, 0.7, middle=1.0), exit_layer=1, routing_threshold=0.95
     ),
     # Seed 001's layer-wise learning rates on top of asymmetric α=0.7 (ULMFiT, Howard & Ruder 2018).
-    "asymmetric_lr_decreasing": TrainingConfig(
+    "layer_lr_decreasing": TrainingConfig(
         layer_weights=asymmetric(_L, 0.7), routing_threshold=0.95, layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1}
     ),
-    "asymmetric_lr_increasing": TrainingConfig(
+    "layer_lr_increasing": TrainingConfig(
         layer_weights=asymmetric(_L, 0.7), routing_threshold=0.95, layer_lr_scales={1: 0.1, 2: 0.5, 3: 1.0}
     ),
 }
@@ -39,7 +42,10 @@ PRESET_ALIASES = {
     "lpt": "deep_supervision",
     "standard_routing": "auxiliary_loss",
     "asymmetric_best": "asymmetric",
+    "asymmetric_lr_decreasing": "layer_lr_decreasing",
+    "asymmetric_lr_increasing": "layer_lr_increasing",
 }
+STRATEGY_PRESETS = ("ashem", "token_routed")  # YAML only: see the module docstring
 
 
 class _Presets(Mapping[str, TrainingConfig]):

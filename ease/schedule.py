@@ -1,54 +1,21 @@
-"""Loss-weight schemes and the α schedule.
+"""The α schedule (seed 001): α, the weight of the shallow exit, moves during training.
 
-Loss-weight schemes are small pure functions from the number of layers to {layer: weight} (1-indexed), in
-the manner of torchtune's early-exit loss scales. They are not normalised unless they say so: the seeds'
-setting B (α on L1, 1.0 on L2, 1-α on L3) sums to 2 on purpose.
-
-The α schedule (seed 001) moves α, the weight of the shallow exit, during training; the last layer gets
-1-α and every other layer keeps its configured weight. With E = max_epochs and e = 0..E-1 the epoch,
-progress is t = e / (E - 1) (t = 0 when E = 1), and
+The last layer gets 1-α and every other layer keeps its configured weight. With E = train.max_epochs and
+e = 0..E-1 the epoch, progress is t = e / (E - 1) (t = 0 when E = 1), and
 
     constant: α(t) = start
     linear:   α(t) = start + (end - start) * t
     cosine:   α(t) = end + (start - end) * (1 + cos(π t)) / 2
 
-so the first epoch trains with `start` and epoch E (if early stopping lets it run) with `end`.
+so the first epoch trains with `start` and epoch E with `end`. The schedule is planned over max_epochs, so
+when early stopping ends the run sooner α stops short of `end`: every run reports the α it actually reached
+(`alpha_schedule.reached` in metrics.json) and the weights of the epoch it kept.
 """
 
 import math
 from dataclasses import dataclass
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
-
-
-def final_only(num_layers: int) -> dict[int, float]:
-    """Standard LM: the last layer alone."""
-    return {layer: float(layer == num_layers) for layer in range(1, num_layers + 1)}
-
-
-def uniform(num_layers: int) -> dict[int, float]:
-    """Deep supervision (Lee et al., 2015): 1/L on every layer."""
-    return {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
-
-
-def asymmetric(num_layers: int, alpha: float, shallow: int = 1, middle: float = 0.0) -> dict[int, float]:
-    """α on the shallow exit, 1-α on the last layer, `middle` on every layer between (seed 003)."""
-    weights = {layer: middle for layer in range(1, num_layers + 1)}
-    weights[shallow] = alpha
-    weights[num_layers] = 1.0 - alpha
-    return weights
-
-
-def linear_l(num_layers: int) -> dict[int, float]:
-    """Weight proportional to depth, normalised to sum 1 (LayerSkip's `l` scale)."""
-    total = num_layers * (num_layers + 1) / 2
-    return {layer: layer / total for layer in range(1, num_layers + 1)}
-
-
-def sqrt_l(num_layers: int) -> dict[int, float]:
-    """Weight proportional to sqrt(depth), normalised to sum 1."""
-    total = sum(math.sqrt(layer) for layer in range(1, num_layers + 1))
-    return {layer: math.sqrt(layer) / total for layer in range(1, num_layers + 1)}
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_json_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def test_results_tables_are_written_atomically(tmp_path: Path) -> None:
-    from ease.results import atomic_write
+    from ease.io import atomic_write
 
     table = tmp_path / "results.csv"
     table.write_text("run,ppl\nold,1.0\n")

@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ease.results import main, pareto_mask, write_results
+from ease.results import Results
+from ease.results.cli import main, write_results
+from ease.results.group import pareto_mask
 
 PPL = {(0.3, 0): 25.0, (0.3, 1): 24.0, (0.3, 2): 24.5, (0.7, 0): 23.0, (0.7, 1): 22.2, (0.7, 2): 23.9}
 
@@ -133,6 +135,22 @@ def test_corrupt_and_half_written_records_are_skipped_with_a_warning(
     assert "7" in warned and "8" in warned and "skipping" in warned
     md = (sweep / "results.md").read_text()
     assert "Unreadable records" in md and "killed or still running" in md
+
+
+def test_results_are_written_atomically(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = write_results([sweep], sweep, plots=False)
+    assert isinstance(old, Results) and (sweep / "results.csv").is_file()
+    before = (sweep / "results.csv").read_text()
+
+    def crash_half_way(self: pd.DataFrame, path: Path, **kwargs) -> None:
+        Path(path).write_text("run,ppl\nnew,")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash_half_way)
+    with pytest.raises(RuntimeError):
+        write_results([sweep], sweep, plots=False)
+    assert (sweep / "results.csv").read_text() == before  # the old table is intact
+    assert not [p.name for p in sweep.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
 
 
 def test_pareto_front_matches_brute_force() -> None:

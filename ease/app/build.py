@@ -11,13 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ease.config import TrainingConfig
 from ease.data import DataConfig
-from ease.model import EarlyExitTransformer
-from ease.schedule import AlphaSchedule, asymmetric, final_only, uniform
+from ease.losses import asymmetric, final_only, uniform
+from ease.model.transformer import EarlyExitTransformer
+from ease.schedule import AlphaSchedule
+from ease.strategies import STRATEGIES
 
 LOSS_WEIGHT_KINDS = ("final_only", "uniform", "asymmetric", "shallow_deep", "with_middle", "custom")
 LR_SCALE_KINDS = ("uniform", "decreasing", "increasing", "custom")
 ROUTING_KINDS = ("none", "confidence")
-STRATEGIES = ("standard", "ashem", "token_routed")
 OBJECTIVES = ("ppl", "acc", "compute_cost", "shallow_ratio", "loss")
 
 
@@ -46,9 +47,7 @@ def layer_weights(cfg: DictConfig, num_layers: int, shallow: int) -> dict[int, f
     if lw.kind in ("asymmetric", "shallow_deep"):
         return asymmetric(num_layers, lw.alpha, shallow)
     if lw.kind == "with_middle":
-        weights = asymmetric(num_layers, lw.alpha, shallow)
-        weights.update({layer: lw.middle for layer in range(shallow + 1, num_layers)})
-        return weights
+        return asymmetric(num_layers, lw.alpha, shallow, middle=lw.middle)
     if len(lw.weights) != num_layers:
         raise ValueError(
             f"loss_weights.weights: custom needs one weight per layer ({num_layers}), got {list(lw.weights)}"
@@ -73,7 +72,7 @@ def lr_scales(cfg: DictConfig, num_layers: int) -> dict[int, float] | None:
     return {i + 1: float(v) for i, v in enumerate(np.interp(dst, src, values))}
 
 
-def routing(cfg: DictConfig) -> tuple[Any, Any]:
+def routing_settings(cfg: DictConfig) -> tuple[Any, Any]:
     """(exit_layer, threshold) as the library takes them; `routing=none` gives threshold 0."""
     r = cfg.routing
     _choice("routing.kind", r.kind, ROUTING_KINDS)
@@ -134,7 +133,7 @@ def training_config(cfg: DictConfig, num_layers: int | None = None) -> TrainingC
 
 def _training_config(cfg: DictConfig, num_layers: int | None) -> TrainingConfig:
     num_layers = num_layers or cfg.model.num_layers
-    exit_layer, threshold = routing(cfg)
+    exit_layer, threshold = routing_settings(cfg)
     shallow = exit_layer if isinstance(exit_layer, int) else min(exit_layer)
     ls = cfg.lr_scales
     config = TrainingConfig(
@@ -157,9 +156,12 @@ def data_config(cfg: DictConfig) -> DataConfig:
     return DataConfig(**fields, batch_size=cfg.train.batch_size)
 
 
-def model(cfg: DictConfig, vocab_size: int, num_layers: int | None = None) -> EarlyExitTransformer:
+def model(
+    cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
+) -> EarlyExitTransformer:
+    """The native model of the `model` group, sized to the data; `num_layers` / `routing` override the config."""
     m = cfg.model
-    exit_layer, threshold = routing(cfg)
+    exit_layer, threshold = routing or routing_settings(cfg)
     return EarlyExitTransformer(
         vocab_size=vocab_size,
         dim=m.dim,
@@ -204,3 +206,22 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise ValueError(f"threads: must be >= 1, got {cfg.threads}")
     if not (cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps"))):
         raise ValueError(f"device: must be cpu, cuda[:N] or mps, got {cfg.device!r}")
+
+
+def run_callbacks(cfg: DictConfig) -> list[Any]:
+    """The `callbacks` group: {name: {_target_: CLASS, ...}}, each instantiated, called with
+    `on_epoch_end(epoch, history_row)` after every epoch's checkpoint."""
+    from hydra.utils import instantiate
+
+    out = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if not OmegaConf.is_config(spec) or "_target_" not in spec:
+            raise ValueError(f"callbacks.{name}: needs _target_ (a class with on_epoch_end(epoch, row))")
+        try:
+            callback = instantiate(spec)
+        except Exception as err:
+            raise ValueError(f"callbacks.{name}: cannot instantiate {spec._target_}: {err}") from None
+        if not callable(getattr(callback, "on_epoch_end", None)):
+            raise ValueError(f"callbacks.{name}: {spec._target_} has no on_epoch_end(epoch, row)")
+        out.append(callback)
+    return out

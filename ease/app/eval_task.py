@@ -21,12 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ease.app import build
-from ease.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint_path
+from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.config import TrainingConfig
 from ease.data import build_data
 from ease.data.tokenizers import tokenizer_from_dict
 from ease.evaluation import Batch, TokenStats
-from ease.trainer import Trainer
+from ease.io import atomic_save
+from ease.training import Trainer
 
 log = logging.getLogger("ease")
 

@@ -1,7 +1,7 @@
 """task=generate: continue a prompt from a saved checkpoint with real early exit, and time it.
 
 `python train.py task=generate checkpoint=RUN_DIR prompt="The game"` loads the model and its tokenizer,
-decodes `task.max_new_tokens` tokens per row with the KV-cached early-exit decoder (`ease.generation`), and
+decodes `task.max_new_tokens` tokens per row with the KV-cached early-exit decoder (`ease.inference.generation`), and
 records the text, each token's exit layer, tokens/s, mean layers per token and the speedup over the same
 decoder at full depth. Routing is the checkpoint's own unless `routing=confidence` is given on the command
 line (then routing.exit_layer / routing.threshold / routing.confidence apply).
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from ease.app import build
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.data.tokenizers import tokenizer_from_dict
-from ease.generation import SamplingConfig, generate
+from ease.inference.generation import SamplingConfig, generate
 
 log = logging.getLogger("ease")
 
@@ -28,7 +28,7 @@ def sampling_config(cfg: DictConfig) -> SamplingConfig:
     """The task group's decoding settings, validated; errors name the Hydra key (task.*)."""
     t = cfg.task
     try:
-        return SamplingConfig(t.max_new_tokens, t.temperature, t.top_k, t.batch_size, t.kv_mode)
+        return SamplingConfig(t.max_new_tokens, t.temperature, t.top_k, t.batch_size, t.kv_mode, t.decoder)
     except ValueError as err:
         raise ValueError(f"task.{err}") from None
 
@@ -44,7 +44,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint: {path} holds no tokenizer to encode the prompt with")
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     if cfg.routing.kind == "confidence":
-        exit_layer, threshold = build.routing(cfg)
+        exit_layer, threshold = build.routing_settings(cfg)
         try:
             model.set_routing(exit_layer, threshold)
         except ValueError as err:
@@ -64,6 +64,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         seed=cfg.seed,
         batch_size=sampling.batch_size,
         kv_mode=sampling.kv_mode,
+        decoder=sampling.decoder,
         threads=cfg.threads or 1,  # decoding is single-threaded unless threads= says otherwise
     )
     lines = []

@@ -1,11 +1,6 @@
-"""The run record: metrics.json, written atomically into the job's output folder."""
+"""The run record: metrics.json, written atomically (`ease.io.write_json_atomic`) into the job's output folder."""
 
-import json
-import math
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,34 +8,6 @@ import torch
 import ease
 
 METRICS_FILE = "metrics.json"
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON: non-finite floats become null (JSON has no NaN), tensors become numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_record(

@@ -119,6 +119,7 @@ class TaskSchema:
     top_k: int | None = None
     batch_size: int = 1  # prompts decoded together (the prompt repeated)
     kv_mode: str = "propagate"  # propagate (CALM state copying) | recompute
+    decoder: str = "auto"  # auto (fused for the native model) | fused | reference (any backbone)
 
 
 @dataclass
@@ -143,6 +144,8 @@ class Config:
     save_checkpoint: bool = True
     progress: bool = True  # tqdm bar while training
     debug: bool = False  # show full tracebacks instead of one-line errors
+    # {name: {_target_: CLASS, ...}}: objects whose on_epoch_end(epoch, history_row) runs after each epoch's checkpoint
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs(root: str | Path) -> None:

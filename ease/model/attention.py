@@ -1,4 +1,10 @@
-"""Causal multi-head self-attention with rotary position embeddings (RoPE, Su et al. 2021)."""
+"""Causal multi-head self-attention with rotary position embeddings (RoPE, Su et al. 2021) and a KV cache.
+
+Besides the plain forward, attention can run queries for a subset of the tokens only (`active`): every token
+still provides keys and values to the others, but only active tokens attend. That is what early exit needs:
+a token that stopped at a shallower layer stays visible to later tokens (its K/V are projected from its
+frozen exit state, CALM's propagation) while no attention or FFN is computed for it.
+"""
 
 from dataclasses import dataclass
 
@@ -32,7 +38,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of the head dimension; x is (B, nh, T, hd), cos/sin (T, hd/2)."""
+    """Rotate pairs (x1, x2) of the head dimension; x is (B, nh, T, hd), cos/sin (T, hd/2) or broadcastable."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
@@ -86,6 +92,7 @@ class CausalSelfAttention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """x: (B, T, C) normalised input at positions past..past+T-1 -> (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
         q = apply_rotary(self._heads(q), cos, sin)  # (B, nh, T, hd)
@@ -103,3 +110,39 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+    def forward_active(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        active: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention for the `active` tokens only; every token's K/V is computed (and cached).
+
+        x: (B, T, C) normalised input, active: (B, T) bool. Returns (flat, y): the active tokens' indices
+        into the flattened (B*T) positions, row by row, and their attention outputs (Na, C).
+        """
+        B, T, C = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        k, v = self.project_kv(x, cos, sin)  # (B, nh, T, hd): every position, as later tokens attend to all
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, past+T, hd)
+        # Each row's active positions first, in order, padded to the longest row: (B, Tq).
+        counts = active.sum(1)
+        Tq = int(counts.max()) if counts.numel() else 0
+        order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices[:, :Tq]
+        valid = torch.arange(Tq, device=x.device) < counts[:, None]  # (B, Tq)
+        flat = (order + torch.arange(B, device=x.device)[:, None] * T)[valid]  # (Na,) indices into B*T
+        if Tq == 0:
+            return flat, x.new_zeros(0, C)
+        xq = x.gather(1, order[..., None].expand(B, Tq, C))  # (B, Tq, C)
+        q = F.linear(xq, self.qkv.weight[:C]).view(B, Tq, nh, hd).transpose(1, 2)  # (B, nh, Tq, hd)
+        q = apply_rotary(q, cos[order].unsqueeze(1), sin[order].unsqueeze(1))
+        # Query at position past+order may see keys 0..past+order.
+        mask = torch.arange(past + T, device=x.device) <= past + order[..., None]  # (B, Tq, past+T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, nh, Tq, hd)
+        y = self.proj(y.transpose(1, 2).reshape(B, Tq, C))  # (B, Tq, C)
+        return flat, y[valid]

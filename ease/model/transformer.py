@@ -1,30 +1,26 @@
-"""The early-exit language model: embedding, N pre-norm blocks, one shared norm + head for every exit.
+"""The native early-exit language model: embedding, N pre-norm blocks, one shared norm + head for every exit.
 
 Every exit layer l produces logits with the same `unembed` (final RMSNorm, then the output head), as in
 LayerSkip. `forward` computes only what it is asked for: the blocks up to the deepest requested exit, and
 the head only at the requested exits. A standard LM therefore pays for one head, and deep supervision
 pays for exactly the heads whose loss weight is non-zero.
 
+It implements `ease.model.backbone.Backbone`; everything else in EASE uses it only through that protocol.
 Layers are 1-indexed everywhere in EASE: layer 1 is the first block, layer `num_layers` the last.
 """
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ease.modules import RMSNorm, RotaryEmbedding, TransformerBlock
-from ease.routing import normalize_routing, route_by_confidence
-
-
-@dataclass
-class RoutedOutput:
-    """Per-token routed logits and the layer each token exited at."""
-
-    logits: torch.Tensor  # (B, T, V): each token scored by the logits of its exit layer
-    exit_layer: torch.Tensor  # (B, T) long, in 1..num_layers
+from ease.model import backbone
+from ease.model.attention import KVCache, RotaryEmbedding
+from ease.model.block import TransformerBlock
+from ease.model.norm import RMSNorm
+from ease.model.backbone import RoutedOutput
+from ease.routing import normalize_routing
 
 
 class EarlyExitTransformer(nn.Module):
@@ -76,7 +72,57 @@ class EarlyExitTransformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --- the pieces -------------------------------------------------------------------------------------
+    # --- the backbone protocol --------------------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.embedding(x))  # (B, T, C)
+
+    def layer(
+        self,
+        i: int,
+        h: torch.Tensor,
+        pos: int = 0,
+        cache: list[KVCache] | None = None,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Block i (1-indexed) on h (B, T, C) at positions pos..pos+T-1; see `Backbone.layer`."""
+        cos, sin = self.rope(pos, h.shape[1])
+        return self.layers[i - 1](h, cos, sin, None if cache is None else cache[i - 1], active)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Shared exit: final norm, then the output head. (..., C) -> (..., V)."""
+        return self.output_head(self.norm(h))
+
+    def new_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """One growing K/V cache per layer (the batch size and length follow from what is appended)."""
+        return [KVCache() for _ in range(self.num_layers)]
+
+    def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        groups = [("embedding", list(self.embedding.parameters()))]
+        groups += [(f"layer_{i}", list(block.parameters())) for i, block in enumerate(self.layers, start=1)]
+        groups.append(("head", [*self.norm.parameters(), *self.output_head.parameters()]))
+        return groups
+
+    def extended(self, num_layers: int) -> "EarlyExitTransformer":
+        """A deeper copy (ASHEM's growth): embedding, blocks 1..L, norm and head copied from this model; the new
+        blocks freshly initialised (residual projections near zero, so they start close to the identity)."""
+        if num_layers <= self.num_layers:
+            raise ValueError(f"phase2_layers: must be > the model's {self.num_layers} layers, got {num_layers}")
+        args = {**self.config_dict(), "num_layers": num_layers, "routing_threshold": 0.0}
+        device = next(self.parameters()).device
+        deeper = EarlyExitTransformer(**args).to(device)
+        deeper.embedding.load_state_dict(self.embedding.state_dict())
+        for i in range(self.num_layers):
+            deeper.layers[i].load_state_dict(self.layers[i].state_dict())
+        deeper.norm.load_state_dict(self.norm.state_dict())
+        deeper.output_head.load_state_dict(self.output_head.state_dict())
+        return deeper
+
+    def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
+        """Change the inference routing without touching the weights."""
+        self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, self.num_layers)
+
+    # --- the seeds' API on top of the protocol ------------------------------------------------------------
 
     @property
     def exit_layer(self) -> int:
@@ -87,45 +133,9 @@ class EarlyExitTransformer(nn.Module):
     def routing_threshold(self) -> float:
         return self.routing_thresholds[0]
 
-    def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
-        """Change the inference routing without touching the weights."""
-        self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, self.num_layers)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.embedding(x))  # (B, T, C)
-
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        """Shared exit: final norm, then the output head. (..., C) -> (..., V)."""
-        return self.output_head(self.norm(h))
-
-    def run_layers(self, h: torch.Tensor, start: int, end: int, pos: int = 0) -> torch.Tensor:
-        """Apply layers start+1..end (1-indexed) to the hidden state after layer `start`. (B, T, C) -> (B, T, C)."""
-        cos, sin = self.rope(pos, h.shape[1])
-        for block in self.layers[start:end]:
-            h = block(h, cos, sin)
-        return h
-
     def hidden_states(self, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """Hidden states (before the shared norm) after each requested layer; stops at the deepest one."""
-        wanted = sorted(set(layers))
-        self._check_layers(wanted)
-        h = self.embed(x)  # (B, T, C)
-        cos, sin = self.rope(0, x.shape[1])
-        out: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.layers[: wanted[-1]], start=1):
-            h = block(h, cos, sin)
-            if i in wanted:
-                out[i] = h
-        return out
-
-    def _check_layers(self, layers: Sequence[int]) -> None:
-        if not layers:
-            raise ValueError("exit_layers: at least one layer is required")
-        bad = [layer for layer in layers if not 1 <= layer <= self.num_layers]
-        if bad:
-            raise ValueError(f"exit_layers: layers must be in 1..{self.num_layers}, got {bad}")
-
-    # --- forward passes ---------------------------------------------------------------------------------
+        return backbone.hidden_states(self, x, layers)
 
     def forward(
         self, x: torch.Tensor, exit_layers: Iterable[int] | None = None
@@ -136,46 +146,24 @@ class EarlyExitTransformer(nn.Module):
         {layer: logits (B, T, V)} for exactly those layers, computing no block past the deepest one.
         """
         if exit_layers is None:
-            return self.unembed(self.hidden_states(x, [self.num_layers])[self.num_layers])
-        return {layer: self.unembed(h) for layer, h in self.hidden_states(x, exit_layers).items()}
+            return backbone.exit_logits(self, x, [self.num_layers])[self.num_layers]
+        return backbone.exit_logits(self, x, exit_layers)
 
     def forward_all_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's logits, shallowest first: [(B, T, V)] * num_layers (seed 003)."""
         logits = self(x, range(1, self.num_layers + 1))
         return [logits[layer] for layer in range(1, self.num_layers + 1)]
 
-    @torch.no_grad()
     def routed_forward(
         self,
         x: torch.Tensor,
         exit_layer: int | Sequence[int] | None = None,
         routing_threshold: float | Sequence[float] | None = None,
     ) -> RoutedOutput:
-        """Confidence routing, counted mode: run every layer, then score each token at its exit.
+        """Confidence routing, counted mode (`ease.model.backbone.routed_forward`); routing defaults to the model's."""
+        return backbone.routed_forward(self, x, exit_layer, routing_threshold)
 
-        A token exits at the first routing exit whose confidence reaches that exit's threshold
-        (a cascade when several exits are given); otherwise at the last layer.
-        """
-        exits, thresholds = (
-            (self.exit_layers, self.routing_thresholds)
-            if exit_layer is None
-            else normalize_routing(exit_layer, routing_threshold or 0.0, self.num_layers)
-        )
-        active = [e for e, t in zip(exits, thresholds) if t > 0]
-        logits = self(x, [*active, self.num_layers])
-        if active:
-            exit_at = route_by_confidence(
-                {e: logits[e] for e in active}, dict(zip(exits, thresholds)), self.num_layers, self.confidence
-            )
-        else:
-            exit_at = torch.full(x.shape, self.num_layers, dtype=torch.long, device=x.device)
-        out = logits[self.num_layers].clone()
-        for e in active:
-            chosen = exit_at == e  # (B, T)
-            out[chosen] = logits[e][chosen]
-        return RoutedOutput(out, exit_at)
-
-    def config_dict(self) -> dict:
+    def config_dict(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this architecture (stored in checkpoints)."""
         return {
             "vocab_size": self.vocab_size,
@@ -191,7 +179,7 @@ class EarlyExitTransformer(nn.Module):
         }
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return backbone.num_parameters(self)
 
 
 def StandardTransformer(  # noqa: N802

@@ -1,52 +1,32 @@
-"""Incremental decoding with per-layer KV caches, where each new token runs only the layers up to its exit.
+"""The native model's fast decoding path: `EarlyExitDecoder`'s computation with the weights folded for speed.
 
-`EarlyExitDecoder` keeps one preallocated K/V buffer for every layer, so a step writes one slot per layer
-instead of concatenating tensors. A step feeds one token per row, runs the blocks in order, and at each
-routing exit scores the rows still running: a row whose confidence reaches the exit's threshold stops
-there, and its logits at that layer are the step's output. Deeper layers run only for the rows still
-going (batch > 1 is supported: each layer gathers the caches of the rows that need it).
+`FusedDecoder` decodes `EarlyExitTransformer` only. It computes what the reference decoder
+(`ease.inference.decoder.EarlyExitDecoder`, which runs the model's own blocks through the backbone protocol)
+computes, and the tests hold it to that: the same tokens and exit layers, logits equal to about 1e-5. It
+exists because at small model sizes a decoding step's time is mostly per-operation overhead, not
+arithmetic, so it counts operations: one preallocated K/V buffer for every layer written in place (a step
+writes one slot per layer instead of concatenating tensors), RoPE as one small matmul, every RMSNorm weight
+folded into the matmul that follows it, the next block's q/k/v taken from the exit matmul, block 1's
+projections looked up per word (batch 1), views by `narrow`/`select` rather than `[]` indexing, and no
+per-step Python containers.
 
-A token that stops at layer e leaves layers e+1..L without K/V at its position, which later tokens will
-attend to. Two ways to fill them (`kv_mode`):
-
-- ``"propagate"`` (CALM, Schuster et al. 2022): copy the exit hidden state upward and compute only the
-  skipped layers' K/V projections from it, with no attention and no FFN. They come out of the same matmul
-  as the exit's logits (the layers' norm weights folded into a stacked weight), so a stop costs that
-  wider matmul and the cache writes. Cheap, but deeper layers then see K/V made from a shallower state
-  than a full forward would give them, so later tokens' logits change (see README, Speed).
-- ``"recompute"``: leave the skipped positions pending; when a later token needs layer l, the pending
-  positions run layer l for real, in one chunk with that token (as in FREE's parallel decoding, Bae et
-  al. 2023). Every K/V is then the exact one of a full forward, so the outputs equal a full forward routed
-  token by token; compute is saved only on positions that no later token needs deep (at the end), and in
-  wall time because a chunk of pending positions costs about one layer call at small sizes.
-
-The prompt is prefilled at full depth (`prefill`); every generated token then comes from one `step`, whose
-depth is that token's exit layer. Weights are read when the decoder is built: build a new decoder (or call
-`refresh_weights`) after changing the model's weights. The decoder computes in float32.
-
-At these model sizes a step's time is mostly per-operation overhead, not arithmetic, so the code counts
-operations: preallocated caches written in place, RoPE as one small matmul, norms folded into weights,
-the next block's q/k/v taken from the exit matmul, block 1's projections looked up per word (batch 1),
-views by `narrow`/`select` rather than `[]` indexing, and no per-step Python containers.
+Propagate mode: a stopped row's skipped layers get K/V from the same matmul as the exit's logits (the
+layers' norm weights folded into a stacked weight), so a stop costs that wider matmul and the cache writes.
+Recompute mode keeps each row's pending positions and runs them, per row, in one chunk with the token that
+needs them. Weights are read when the decoder is built: build a new decoder (or call `refresh_weights`)
+after changing the model's weights. The decoder computes in float32.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ease.model import EarlyExitTransformer
-from ease.modules.attention import apply_rotary
+from ease.inference.decoder import StepOutput, check_kv_mode
+from ease.model.attention import apply_rotary
+from ease.model.transformer import EarlyExitTransformer
 from ease.routing import confidence_fn, normalize_routing
-
-KV_MODES = ("propagate", "recompute")
-
-
-def check_kv_mode(kv_mode: str) -> None:
-    if kv_mode not in KV_MODES:
-        raise ValueError(f"kv_mode: must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
 
 
 def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,18 +53,8 @@ class _Block(NamedTuple):
     w2: torch.Tensor  # (H, C)
 
 
-@dataclass
-class StepOutput:
-    """One decoding step: each row's logits at its exit layer, and that layer."""
-
-    logits: torch.Tensor  # (B, V)
-    exit_layer: torch.Tensor  # (B,) long, in 1..num_layers
-    # with return_layers: {layer: (B, V)} for every layer some row ran; NaN in the rows that did not run it
-    layer_logits: dict[int, torch.Tensor] | None = None
-
-
-class EarlyExitDecoder:
-    """KV-cached decoding of an `EarlyExitTransformer` where every token stops at its confidence exit.
+class FusedDecoder:
+    """`EarlyExitDecoder` for `EarlyExitTransformer`, with folded weights and preallocated caches (module docstring).
 
     Args:
         model: the model (its dropout is not applied: decoding is inference).
@@ -167,7 +137,7 @@ class EarlyExitDecoder:
         m = self.model
         eps = m.norm.eps
         if any(b.attn_norm.eps != eps or b.ffn_norm.eps != eps for b in m.layers):
-            raise ValueError("EarlyExitDecoder: every RMSNorm must use the same eps")
+            raise ValueError("FusedDecoder: every RMSNorm must use the same eps")
         C, hd = self.dim, self.head_dim
         self._c_eps = torch.tensor(C * eps, device=self.device)
         self._root_c_eps = self._c_eps.sqrt()

@@ -19,9 +19,34 @@ from typing import Any
 import torch
 
 from ease.data.tokenizers import Tokenizer
-from ease.decoding import EarlyExitDecoder, check_kv_mode
-from ease.model import EarlyExitTransformer
+from ease.inference.decoder import EarlyExitDecoder, check_kv_mode
+from ease.inference.fused import FusedDecoder
+from ease.model.backbone import Backbone
+from ease.model.transformer import EarlyExitTransformer
 from ease.routing import normalize_routing
+
+DECODERS = ("auto", "fused", "reference")
+
+
+def make_decoder(
+    model: Backbone,
+    batch_size: int,
+    max_len: int,
+    exit_layer: int | Sequence[int] | None = None,
+    routing_threshold: float | Sequence[float] | None = None,
+    kv_mode: str = "propagate",
+    confidence: str | None = None,
+    decoder: str = "auto",
+) -> EarlyExitDecoder | FusedDecoder:
+    """The decoder for `model`: "reference" (any backbone, through the protocol), "fused" (the native model's
+    fast path, tested equal to the reference) or "auto" (fused for the native model, else reference)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    native = isinstance(model, EarlyExitTransformer)
+    if decoder == "fused" and not native:
+        raise ValueError(f"decoder: fused decodes the native EarlyExitTransformer only, got {type(model).__name__}")
+    cls = FusedDecoder if decoder == "fused" or (decoder == "auto" and native) else EarlyExitDecoder
+    return cls(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode, confidence)
 
 
 @dataclass
@@ -34,6 +59,7 @@ class SamplingConfig:
         top_k: sample among the k most likely tokens only; None = all.
         batch_size: rows decoded together (a single prompt is repeated).
         kv_mode: "propagate" (CALM state copying) or "recompute" (exact K/V, filled later).
+        decoder: "auto", "fused" or "reference" (see `make_decoder`).
     """
 
     max_new_tokens: int = 50
@@ -41,6 +67,7 @@ class SamplingConfig:
     top_k: int | None = None
     batch_size: int = 1
     kv_mode: str = "propagate"
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,6 +79,8 @@ class SamplingConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         check_kv_mode(self.kv_mode)
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
 
 class TokenSampler:
@@ -131,7 +160,7 @@ class DecodeRun:
 
 @torch.inference_mode()
 def decode(
-    model: EarlyExitTransformer,
+    model: Backbone,
     prompt_ids: torch.Tensor,
     sampling: SamplingConfig,
     seed: int | None = 0,
@@ -148,7 +177,9 @@ def decode(
     """
     B, T0 = prompt_ids.shape
     N = sampling.max_new_tokens
-    decoder = EarlyExitDecoder(model, B, T0 + N, exit_layer, routing_threshold, sampling.kv_mode, confidence)
+    decoder = make_decoder(
+        model, B, T0 + N, exit_layer, routing_threshold, sampling.kv_mode, confidence, sampling.decoder
+    )
     generator = None if seed is None else torch.Generator(device=prompt_ids.device).manual_seed(seed)
     if T0 > 1:
         decoder.prefill(prompt_ids[:, :-1])
@@ -214,7 +245,7 @@ def encode_prompts(tokenizer: Tokenizer, prompt: str | Sequence[str], batch_size
 
 
 def generate(
-    model: EarlyExitTransformer,
+    model: Backbone,
     tokenizer: Tokenizer,
     prompt: str | Sequence[str],
     max_new_tokens: int = 50,
@@ -226,6 +257,7 @@ def generate(
     exit_layer: int | Sequence[int] | None = None,
     routing_threshold: float | Sequence[float] | None = None,
     compare_full_depth: bool = True,
+    decoder: str = "auto",
     warmup_steps: int = 4,
     threads: int | None = 1,
 ) -> GenerationResult:
@@ -236,7 +268,7 @@ def generate(
             `exit_layer` / `routing_threshold` are given (threshold 0 = full depth).
         tokenizer: the tokenizer the model was trained with (a checkpoint carries it).
         prompt: one prompt (repeated `batch_size` times) or one per row, all of the same token length.
-        max_new_tokens, temperature, top_k, kv_mode: see `SamplingConfig`.
+        max_new_tokens, temperature, top_k, kv_mode, decoder: see `SamplingConfig`.
         seed: seeds sampling (a private generator: the global RNG is untouched); same seed, same text.
         batch_size: rows; None = 1 for a string prompt, len(prompt) for a list.
         compare_full_depth: also time the same decoding with routing off, for `speedup`.
@@ -245,7 +277,7 @@ def generate(
     """
     if batch_size is None:
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
-    sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, kv_mode)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, kv_mode, decoder)
     device = next(model.parameters()).device
     prompt_ids = encode_prompts(tokenizer, prompt, batch_size).to(device)
     exits, thresholds = normalize_routing(
@@ -257,7 +289,7 @@ def generate(
     model.eval()
     try:
         if warmup_steps > 0:
-            warm = SamplingConfig(warmup_steps, temperature, top_k, batch_size, kv_mode)
+            warm = SamplingConfig(warmup_steps, temperature, top_k, batch_size, kv_mode, decoder)
             decode(model, prompt_ids, warm, seed, exit_layer, routing_threshold, threads=threads)
         run = decode(model, prompt_ids, sampling, seed, exit_layer, routing_threshold, threads=threads)
         full = None

@@ -1,8 +1,9 @@
 """Routed full-sequence evaluation that really skips compute, timed beside the counted mode.
 
-The counted mode (`EarlyExitTransformer.routed_forward`, and `ease.evaluation`) runs every layer for every
+The counted mode (`ease.model.backbone.routed_forward`, and `ease.evaluation`) runs every layer for every
 token and then scores each token at its exit: its compute_cost is a count, not a saving. `skip_routed_forward`
-runs each layer only for the tokens still going:
+runs each layer only for the tokens still going, through the backbone protocol (`Backbone.layer` with
+`active`, so the model's own blocks do the work):
 
 - Layers up to the first routing exit run for every token, exactly as in the model's forward.
 - At each exit, the head runs only for the tokens still going; those confident enough stop there.
@@ -35,10 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ease.decoding import check_kv_mode
 from ease.evaluation import Batch
-from ease.model import EarlyExitTransformer, RoutedOutput
-from ease.modules import TransformerBlock, apply_rotary
+from ease.inference.decoder import check_kv_mode
+from ease.model.backbone import Backbone, RoutedOutput, routed_forward
 from ease.routing import confidence_fn, normalize_routing
 
 EVAL_MODES = ("counted", "skip")
@@ -53,38 +53,9 @@ class SkipOutput(RoutedOutput):
     head_tokens: int = 0  # tokens put through the head, summed over exits
 
 
-def _block_propagate(block: TransformerBlock, h: torch.Tensor, running: torch.Tensor, cos, sin) -> torch.Tensor:
-    """One block where only `running` tokens (B, T) bool attend and run the FFN; every token gets K/V.
-
-    h: (B, T, C), stopped tokens holding their exit state (CALM propagation). Returns the new h.
-    """
-    B, T, C = h.shape
-    attn = block.attn
-    nh, hd = attn.num_heads, attn.head_dim
-    x = block.attn_norm(h)  # (B, T, C)
-    k, v = attn.project_kv(x, cos, sin)  # (B, nh, T, hd): every position, as later tokens attend to all
-    # Each row's running positions first, in order, padded to the longest row: (B, Tq).
-    counts = running.sum(1)
-    Tq = int(counts.max())
-    order = torch.sort((~running).to(torch.uint8), dim=1, stable=True).indices[:, :Tq]
-    valid = torch.arange(Tq, device=h.device) < counts[:, None]  # (B, Tq)
-    xq = x.gather(1, order[..., None].expand(B, Tq, C))  # (B, Tq, C)
-    q = F.linear(xq, attn.qkv.weight[:C]).view(B, Tq, nh, hd).transpose(1, 2)  # (B, nh, Tq, hd)
-    q = apply_rotary(q, cos[order].unsqueeze(1), sin[order].unsqueeze(1))
-    mask = torch.arange(T, device=h.device) <= order[..., None]  # (B, Tq, T): causal, per query position
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, nh, Tq, hd)
-    y = attn.proj(y.transpose(1, 2).reshape(B, Tq, C))
-    flat = (order + torch.arange(B, device=h.device)[:, None] * T)[valid]  # (Na,) indices into B*T
-    hq = h.reshape(B * T, C)[flat] + y[valid]  # (Na, C)
-    hq = hq + block.ffn(block.ffn_norm(hq))
-    h = h.clone()
-    h.view(B * T, C)[flat] = hq
-    return h
-
-
 @torch.inference_mode()
 def skip_routed_forward(
-    model: EarlyExitTransformer,
+    model: Backbone,
     x: torch.Tensor,
     exit_layer: int | Sequence[int] | None = None,
     routing_threshold: float | Sequence[float] | None = None,
@@ -92,7 +63,7 @@ def skip_routed_forward(
 ) -> SkipOutput:
     """Confidence routing over a whole sequence x (B, T) that runs each layer only where needed.
 
-    Same routing rule and output as `model.routed_forward` (the counted mode); see the module docstring
+    Same routing rule and output as `routed_forward` (the counted mode); see the module docstring
     for when the logits are identical. The model should be in eval mode.
     """
     check_kv_mode(kv_mode)
@@ -106,15 +77,14 @@ def skip_routed_forward(
     B, T = x.shape
     h = model.embed(x)  # (B, T, C)
     C = h.shape[-1]
-    cos, sin = model.rope(0, T)
     running = torch.ones(B, T, dtype=torch.bool, device=x.device)
     exit_at = torch.full((B, T), L, dtype=torch.long, device=x.device)
     logits = None
     out = SkipOutput(logits=torch.empty(0), exit_layer=exit_at)
     done = 0  # layers applied so far
     for e, threshold in [*[(e, t) for e, t in zip(exits, thresholds) if t > 0], (L, None)]:
-        for block in model.layers[done:e]:
-            h = _run_block(block, h, running, cos, sin, kv_mode, out)
+        for i in range(done + 1, e + 1):
+            h = _run_layer(model, i, h, running, kv_mode, out)
         done = e
         if done == L or not running.any():
             break
@@ -151,33 +121,31 @@ def skip_routed_forward(
     return out
 
 
-def _run_block(
-    block: TransformerBlock, h: torch.Tensor, running: torch.Tensor, cos, sin, kv_mode: str, out: SkipOutput
-) -> torch.Tensor:
+def _run_layer(model: Backbone, i: int, h: torch.Tensor, running: torch.Tensor, kv_mode: str, out: SkipOutput) -> torch.Tensor:
     B, T, _ = h.shape
     n_running = int(running.sum())
-    if n_running == B * T:  # nobody stopped yet: the model's own block, bit for bit
+    if n_running == B * T:  # nobody stopped yet: the plain layer, bit for bit
         out.layer_tokens += B * T
-        return block(h, cos, sin)
+        return model.layer(i, h)
     if n_running == 0:  # nothing above needs this layer
         return h
     if kv_mode == "propagate":
         out.layer_tokens += n_running
         out.kv_tokens += B * T - n_running
-        return _block_propagate(block, h, running, cos, sin)
-    # recompute: positions up to each row's last running token are still needed; run the block on that
+        return model.layer(i, h, active=running)
+    # recompute: positions up to each row's last running token are still needed; run the layer on that
     # prefix (the longest row's), exactly, and leave the tail of every row alone.
     positions = torch.arange(1, T + 1, device=h.device)
     P = int((running * positions).amax())
     out.layer_tokens += B * P
     h = h.clone()
-    h[:, :P] = block(h[:, :P], cos[:P], sin[:P])
+    h[:, :P] = model.layer(i, h[:, :P])
     return h
 
 
 @torch.no_grad()
 def evaluate_routed(
-    model: EarlyExitTransformer,
+    model: Backbone,
     batches: Iterable[Batch],
     mode: str = "skip",
     kv_mode: str = "propagate",
@@ -186,7 +154,7 @@ def evaluate_routed(
 ) -> dict[str, Any]:
     """Routed ppl, acc, shallow_ratio and compute_cost, with the measured forward time.
 
-    mode "counted" runs every layer (`model.routed_forward`); "skip" runs `skip_routed_forward`.
+    mode "counted" runs every layer (`routed_forward`); "skip" runs `skip_routed_forward`.
     `time_s` is the wall time of the forward passes only (not the loss). `layer_fraction` is the share
     of (token, layer) block computations actually run, `kv_fraction` the share given propagated K/V only,
     `heads_per_token` the exit heads (norm + output projection) run per token.
@@ -210,7 +178,7 @@ def evaluate_routed(
         for x, y in batches:
             start = time.perf_counter()
             if mode == "counted":
-                out = model.routed_forward(x, exits, thresholds)
+                out = routed_forward(model, x, exits, thresholds)
                 layer_tokens += x.numel() * L
                 head_tokens += x.numel() * (active + 1)  # every active exit's head and the last layer's
             else:

@@ -1,0 +1,418 @@
+"""task=train: the Hydra edge of the three strategies (standard, token_routed, ashem).
+
+Each builds the library's objects from the config, trains through the library's one loop, and leaves the
+same record: routed validation metrics with the threshold curve from one pass, test metrics, the training
+summary, the weights actually trained (and the α schedule reached, if there is one), and checkpoint.pt.
+
+Per-epoch checkpoints and `resume=true`: with save_checkpoint (default) checkpoint.pt is rewritten atomically
+at every epoch end with the model being trained, the tokenizer, the resolved config and a `train_state`
+tagged with the strategy's name; `resume=true` in the same run folder carries on from it and ends with the
+metrics of an uninterrupted run. After each write the run's `callbacks` (instantiated from the `callbacks`
+config key) get `on_epoch_end(epoch, row)`; for ASHEM the epoch count runs across both phases, as the run's
+history numbers them.
+
+Keys ASHEM reads: strategy.* (ASHEMConfig's fields), model.* (model.num_layers must equal
+strategy.phase2_layers), train.max_epochs (each phase), train.batch_size, train.weight_decay,
+train.grad_clip, train.monitor (phase 1), routing.confidence, routing.analysis_thresholds, seed, device.
+train.lr and train.patience are not used (phase1_lr/phase2_lr, phase1_patience/phase2_patience are).
+Token-routed reads routing.* (one exit, one threshold: the two routes), strategy.min_route_fraction,
+model.*, lr_scales.*, train.*; loss_weights stays final_only and schedule constant.
+"""
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ease.app import build
+from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
+from ease.config import TrainingConfig
+from ease.data import DataBundle, build_data
+from ease.losses import check_min_route_fraction
+from ease.model.transformer import EarlyExitTransformer
+from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, run_ashem
+from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
+from ease.training import EarlyStoppingState, Trainer
+
+log = logging.getLogger("ease")
+
+HEADLINE = ("ppl", "acc", "shallow_ratio", "compute_cost")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: metrics[key] for key in HEADLINE}
+
+
+# --- what every run writes -----------------------------------------------------------------------------------
+
+
+class RunOutput:
+    """checkpoint.pt at every epoch end and at the end, then the run's callbacks.
+
+    Args:
+        cfg: The run's config (save_checkpoint, callbacks, and the resolved config stored in the file).
+        output_dir: The run folder.
+        data: The data (its tokenizer is stored with the model).
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: Path, data: DataBundle) -> None:
+        self.enabled = bool(cfg.save_checkpoint)
+        self.path = output_dir / CHECKPOINT_FILE
+        self.tokenizer = data.tokenizer.to_dict()
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.callbacks = build.run_callbacks(cfg)
+
+    def save(self, model: EarlyExitTransformer, train_state: dict[str, Any], **extra: Any) -> None:
+        if self.enabled:
+            save_checkpoint(self.path, model, self.tokenizer, config=self.config, train_state=train_state, **extra)
+
+    def epoch_end(self, model: EarlyExitTransformer, train_state: dict[str, Any], epoch: int, row: dict) -> None:
+        self.save(model, train_state)
+        for callback in self.callbacks:
+            callback.on_epoch_end(epoch, row)
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, strategy: str) -> dict[str, Any] | None:
+    """With resume=true, the run folder's checkpoint to carry on from (None: start afresh)."""
+    if not cfg.resume:
+        return None
+    return load_for_resume(output_dir / CHECKPOINT_FILE, strategy, cfg.device)
+
+
+def evaluate_test_split(trainer: Trainer, model: EarlyExitTransformer, data: DataBundle) -> dict[str, float] | None:
+    """Routed metrics on the test split, when the data has one."""
+    if data.test is None:
+        return None
+    test = trainer.evaluate(model, data.test)
+    return {key: test[key] for key in (*HEADLINE, "loss")}
+
+
+def trained_weights(trainer: Trainer, result: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """What was trained, not what was configured: the layer weights of the epoch whose weights were kept, and
+    with an α schedule its plan and the α actually reached (the schedule spans train.max_epochs; early
+    stopping may end it sooner)."""
+    history = result["history"]
+    best = result["best_epoch"]
+    kept = history[best - 1]["weights"] if best >= 1 else trainer.config.weights_for(num_layers)
+    kept = {int(k): float(v) for k, v in kept.items()}
+    out: dict[str, Any] = {"layer_weights": {layer: kept.get(layer, 0.0) for layer in range(1, num_layers + 1)}}
+    schedule = trainer.config.alpha_schedule
+    if schedule is not None:
+        shallow = trainer.config.shallow_layer
+        alphas = [row["weights"][shallow] for row in history]
+        out["alpha_schedule"] = {
+            "kind": schedule.kind,
+            "start": schedule.start,
+            "end": schedule.end,
+            "planned_epochs": trainer.total_epochs,
+            "epochs_run": len(history),
+            "reached": alphas[-1] if alphas else None,
+            "best_epoch_alpha": kept[shallow],
+            "monitor": result["monitor"],
+        }
+    return out
+
+
+def final_metrics(
+    trainer: Trainer, model: EarlyExitTransformer, data: DataBundle, result: dict[str, Any], thresholds: list[float]
+) -> dict[str, Any]:
+    """The standard keys of a training run: routed val metrics with the threshold curve from one pass, test
+    metrics, and the training summary from `train_with_early_stopping`'s `result`."""
+    import time
+
+    t0 = time.perf_counter()
+    metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
+    metrics["eval_time_s"] = time.perf_counter() - t0
+    test = evaluate_test_split(trainer, model, data)
+    if test is not None:
+        metrics["test"] = test
+    metrics.update(
+        history=result["history"],
+        best_epoch=result["best_epoch"],
+        epochs_run=result["epochs_run"],
+        train_time_s=result["train_time_s"],
+        tokens_per_s=result["tokens_per_s"],
+        num_parameters=model.num_parameters(),
+        **trained_weights(trainer, result, model.num_layers),
+        data_source=data.source,
+        vocab_size=data.vocab_size,
+    )
+    return metrics
+
+
+# --- strategy=standard and strategy=token_routed: one Trainer each -------------------------------------------
+
+
+def token_routed_training_config(cfg: DictConfig) -> TrainingConfig:
+    """The TokenRoutedTrainer's config; errors name the Hydra key."""
+    if cfg.routing.kind != "confidence":
+        raise ValueError(
+            f"routing.kind: token_routed routes tokens by confidence; use routing=confidence, got {cfg.routing.kind!r}"
+        )
+    if cfg.loss_weights.kind != "final_only":
+        raise ValueError(
+            "loss_weights.kind: token_routed scores each token at its own route, so there are no weights to set; "
+            f"leave it final_only, got {cfg.loss_weights.kind!r}"
+        )
+    if cfg.schedule.kind != "constant":
+        raise ValueError(f"schedule.kind: token_routed has no α to schedule; use constant, got {cfg.schedule.kind!r}")
+    base = build.training_config(cfg)  # routing, LR scales and their ranges, with Hydra key names
+    if len(base.exit_layers) != 1:
+        raise ValueError(f"routing.exit_layer: token_routed takes one exit layer, got {list(base.exit_layers)}")
+    return token_routed_config(
+        cfg.model.num_layers,
+        base.exit_layers[0],
+        base.routing_thresholds[0],
+        base.layer_lr_scales,
+        base.confidence,
+        embedding_lr_scale=base.embedding_lr_scale,
+        head_lr_scale=base.head_lr_scale,
+    )
+
+
+def min_route_fraction(cfg: DictConfig) -> float:
+    try:
+        return check_min_route_fraction(cfg.strategy.min_route_fraction)
+    except ValueError as err:
+        raise ValueError(f"strategy.{err}") from None
+
+
+def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
+    """The Trainer of strategy=standard or strategy=token_routed."""
+    if cfg.strategy.name == "token_routed":
+        config = token_routed_training_config(cfg)
+        return TokenRoutedTrainer(
+            config, vocab_size, cfg.device, cfg.train.grad_clip, min_route_fraction(cfg), progress=cfg.progress
+        )
+    return Trainer(build.training_config(cfg), vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
+
+
+def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str, Any]:
+    """strategy=standard or token_routed: weighted (or routed) training with early stopping, the final routed
+    evaluation with the threshold curve, checkpoint.pt every epoch; returns the metrics."""
+    strategy = cfg.strategy.name
+    trainer = make_trainer(cfg, data.vocab_size)
+    model = build.model(cfg, data.vocab_size).to(cfg.device)
+    if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
+        for block in model.layers:
+            block.compile()
+    optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
+    out = RunOutput(cfg, output_dir, data)
+    stopping = EarlyStoppingState()
+    ckpt = resume_checkpoint(cfg, output_dir, strategy)
+    if ckpt is not None:
+        check_architecture(ckpt, out.path, architecture(model))
+        model.load_state_dict(ckpt["model"])
+        stopping = trainer.restore_training_state(ckpt["train_state"], optimizer)
+        log.info("resumed from %s after epoch %d", out.path, len(stopping.history))
+
+    def train_state(stopping: EarlyStoppingState, completed: bool) -> dict[str, Any]:
+        return {**trainer.training_state(optimizer, stopping, completed), "strategy": strategy}
+
+    def on_epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
+        out.epoch_end(model, train_state(stopping, completed=False), epoch, stopping.history[-1])
+
+    result = trainer.train_with_early_stopping(
+        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
+        state=stopping, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+    metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
+    extra: dict[str, Any] = {}
+    if strategy == "token_routed":
+        routes = [row["route"] for row in result["history"]]
+        best = result["best_epoch"]
+        config = trainer.config
+        metrics["strategy"] = {
+            "name": "token_routed",
+            "exit_layer": config.exit_layers[0],
+            "threshold": config.routing_thresholds[0],
+            "confidence": config.confidence,
+            "min_route_fraction": trainer.min_route_fraction,
+            "routes": [{"epoch": i, **row} for i, row in enumerate(routes, start=1)],
+            "best_epoch_route": routes[best - 1] if best >= 1 else None,
+            "final": headline(metrics),
+        }
+        extra["strategy"] = {"name": "token_routed", "exit_layer": config.exit_layers[0]}
+    out.save(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
+    return metrics
+
+
+# --- strategy=ashem --------------------------------------------------------------------------------------------
+
+# ASHEMConfig fields that are not under strategy.* in the app.
+_ASHEM_KEYS = {"confidence": "routing.confidence", "max_epochs": "train.max_epochs"}
+
+
+def ashem_config(cfg: DictConfig) -> ASHEMConfig:
+    """ASHEMConfig from strategy.*; errors name the Hydra key."""
+    s = cfg.strategy
+    try:
+        return ASHEMConfig(
+            phase1_layers=s.phase1_layers,
+            phase1_lr=s.phase1_lr,
+            phase1_patience=s.phase1_patience,
+            hard_example_ratio=s.hard_example_ratio,
+            phase2_layers=s.phase2_layers,
+            phase2_lr=s.phase2_lr,
+            phase2_patience=s.phase2_patience,
+            hard_examples_from=s.hard_examples_from,
+            phase2_train_head=s.phase2_train_head,
+            confidence=cfg.routing.confidence,
+            max_epochs=cfg.train.max_epochs,
+        )
+    except ValueError as err:
+        message = str(err)
+        name = message.split(":", 1)[0]
+        key = _ASHEM_KEYS.get(name, f"strategy.{name}")
+        raise ValueError(key + message[len(name) :].replace("phase1_layers (", "strategy.phase1_layers (")) from None
+
+
+def validate_ashem(cfg: DictConfig) -> None:
+    """Bad ASHEM settings fail here, before any data is read."""
+    config = ashem_config(cfg)
+    L = cfg.model.num_layers
+    if config.phase2_layers != L:
+        raise ValueError(
+            f"strategy.phase2_layers: must equal model.num_layers ({L}), the final model's depth, got "
+            f"{config.phase2_layers} (+preset=ashem ties them)"
+        )
+    if cfg.routing.kind == "confidence":
+        exit_layer = OmegaConf.to_container(cfg.routing, resolve=True)["exit_layer"]
+        if isinstance(exit_layer, list) and len(exit_layer) == 1:
+            exit_layer = exit_layer[0]
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer < L:
+            raise ValueError(
+                f"routing.exit_layer: must be one layer in 1..{L - 1} for a {L}-layer model, got {exit_layer}"
+            )
+        if exit_layer != config.exit_layer:
+            raise ValueError(
+                f"routing.exit_layer: ASHEM routes at the top of Block 1, strategy.phase1_layers={config.exit_layer}, "
+                f"got {exit_layer}"
+            )
+    if cfg.loss_weights.kind != "final_only":
+        raise ValueError(
+            "loss_weights.kind: ASHEM trains each block on its last layer; leave it final_only, "
+            f"got {cfg.loss_weights.kind!r}"
+        )
+    if cfg.schedule.kind != "constant":
+        raise ValueError(f"schedule.kind: ASHEM has no α to schedule; use constant, got {cfg.schedule.kind!r}")
+    if cfg.lr_scales.kind != "uniform":
+        raise ValueError(
+            f"lr_scales.kind: ASHEM sets each phase's rate with strategy.phase1_lr/phase2_lr; use uniform, "
+            f"got {cfg.lr_scales.kind!r}"
+        )
+
+
+def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str, Any]:
+    """Both phases, the routed evaluation (val, and test when there is one), checkpoint.pt; returns metrics."""
+    config = ashem_config(cfg)
+    k, L = config.phase1_layers, config.phase2_layers
+    phase1_model = build.model(cfg, data.vocab_size, num_layers=k, routing=(k, 0.0)).to(cfg.device)
+    log.info("ASHEM: phase 1 trains layers 1-%d, phase 2 layers %d-%d; routing at layer %d", k, k + 1, L, k)
+    out = RunOutput(cfg, output_dir, data)
+    ckpt = resume_checkpoint(cfg, output_dir, "ashem")
+    if ckpt is not None:
+        state = ckpt["train_state"]
+        check_architecture(ckpt, out.path, architecture(phase1_model, num_layers=k if state["phase"] == 1 else L))
+        log.info("resumed from %s after epoch %d (ASHEM phase %d)", out.path, state["epoch"], state["phase"])
+
+    def on_epoch_end(p: ASHEMProgress) -> None:
+        history = p.state["phase1_train"] if p.phase == 1 else p.state["phase2_train"]
+        out.epoch_end(p.model, p.state, p.epoch, history["early_stopping"]["history"][-1])
+
+    r = run_ashem(
+        config, phase1_model, data.train, data.val, cfg.device, cfg.train.batch_size, cfg.train.weight_decay,
+        cfg.train.grad_clip, cfg.train.monitor, list(cfg.routing.analysis_thresholds), cfg.seed, cfg.progress,
+        resume=ckpt, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+
+    metrics = dict(r.final)
+    test = evaluate_test_split(r.eval_trainer, r.model, data)
+    if test is not None:
+        metrics["test"] = test
+    p1, p2 = r.phase1, r.phase2
+    history = [{**row, "phase": 1, "phase_epoch": row["epoch"]} for row in p1["history"]]
+    offset = len(history)
+    for row in p2["history"]:
+        history.append(
+            {**row, "epoch": offset + row["epoch"], "phase": 2, "phase_epoch": row["epoch"], "weights": {L: 1.0}}
+        )
+    train_seconds = sum(row["train_time_s"] for row in p1["history"]) + p2["train_time_s"]
+    metrics.update(
+        history=history,
+        best_epoch=offset + p2["best_epoch"],
+        epochs_run=len(history),
+        train_time_s=r.train_time_s,
+        tokens_per_s=r.trained_positions / train_seconds if train_seconds > 0 else None,
+        num_parameters=r.model.num_parameters(),
+        layer_weights=r.eval_trainer.config.weights_for(L),
+        data_source=data.source,
+        vocab_size=data.vocab_size,
+    )
+    phase1 = dict(p1)
+    if data.test is not None:
+        phase1["test"] = evaluate_test_split(Trainer(config.phase1_config(), device=cfg.device), r.phase1_model, data)
+    phase2 = dict(p2)
+    phase2.update(
+        monitor="hard-token loss on the validation data at the threshold (early stopping, patience "
+        f"{config.phase2_patience})",
+        in_sample=config.hard_examples_from == "val",
+        from_cached_hidden_states=True,
+    )
+    metrics["strategy"] = {
+        "name": "ashem",
+        "config": dataclasses.asdict(config),
+        "stages": [list(stage.layers) for stage in config.stages],
+        "phase1": phase1,
+        "threshold": r.threshold,
+        "exit_layer": k,
+        "hard_example_ratio": config.hard_example_ratio,
+        "hard_ratio": r.hard_examples.hard_ratio,
+        "hard_examples_from": config.hard_examples_from,
+        "num_hard_tokens": r.hard_examples.num_hard_tokens,
+        "num_source_tokens": r.hard_examples.num_tokens,
+        "val_hard_ratio": r.val_examples.hard_ratio,
+        "phase2": phase2,
+        "frozen_params_unchanged": r.frozen_params_unchanged,
+        "final": headline(metrics),
+    }
+    if test is not None:
+        metrics["strategy"]["final"]["test"] = headline(test)
+    out.save(
+        r.model, r.state, metrics=headline(metrics), strategy={"name": "ashem", "exit_layer": k, "threshold": r.threshold}
+    )
+    return metrics
+
+
+# --- the task ----------------------------------------------------------------------------------------------------
+
+STRATEGY_RUNS: dict[str, Callable[[DictConfig, DataBundle, Path], dict[str, Any]]] = {
+    "standard": train_with_trainer,
+    "token_routed": train_with_trainer,
+    "ashem": train_ashem,
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check of the training settings that can run before data is read."""
+    name = cfg.strategy.name
+    if name == "standard":
+        build.training_config(cfg)
+    elif name == "token_routed":
+        token_routed_training_config(cfg)
+        min_route_fraction(cfg)
+    elif name == "ashem":
+        validate_ashem(cfg)
+    build.run_callbacks(cfg)
+
+
+def train_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """task=train: load data, then train with the configured strategy."""
+    data = build_data(build.data_config(cfg), seed=cfg.seed)
+    return STRATEGY_RUNS[cfg.strategy.name](cfg, data, output_dir)

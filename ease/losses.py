@@ -1,0 +1,177 @@
+"""Losses: the layer-weighting schemes, the weighted exit loss, the token-routed loss and the hard-token loss.
+
+Each is a small pure function of a backbone (`ease.model.backbone.Backbone`) and a batch; statistics a
+caller wants to keep (route shares, per-layer losses) are returned as values, never kept as state.
+
+Layer-weighting schemes map the number of layers to {layer: weight} (1-indexed), in the manner of
+torchtune's early-exit loss scales. They are not normalised unless they say so: the seeds' setting B
+(α on L1, 1.0 on L2, 1-α on L3) sums to 2 on purpose.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ease.model.backbone import Backbone, hidden_states, run_layers
+from ease.routing import confidence_fn
+
+# --- layer-weighting schemes ------------------------------------------------------------------------------
+
+
+def final_only(num_layers: int) -> dict[int, float]:
+    """Standard LM: the last layer alone."""
+    return {layer: float(layer == num_layers) for layer in range(1, num_layers + 1)}
+
+
+def uniform(num_layers: int) -> dict[int, float]:
+    """Deep supervision (Lee et al., 2015): 1/L on every layer."""
+    return {layer: 1.0 / num_layers for layer in range(1, num_layers + 1)}
+
+
+def asymmetric(num_layers: int, alpha: float, shallow: int = 1, middle: float = 0.0) -> dict[int, float]:
+    """α on the shallow exit, 1-α on the last layer, `middle` on every layer strictly between them (seed 003).
+
+    Layers below the shallow exit get 0: they have no exit of their own.
+    """
+    weights = {layer: (middle if shallow < layer < num_layers else 0.0) for layer in range(1, num_layers + 1)}
+    weights[shallow] = alpha
+    weights[num_layers] = 1.0 - alpha
+    return weights
+
+
+def linear_l(num_layers: int) -> dict[int, float]:
+    """Weight proportional to depth, normalised to sum 1 (LayerSkip's `l` scale)."""
+    total = num_layers * (num_layers + 1) / 2
+    return {layer: layer / total for layer in range(1, num_layers + 1)}
+
+
+def sqrt_l(num_layers: int) -> dict[int, float]:
+    """Weight proportional to sqrt(depth), normalised to sum 1."""
+    total = sum(math.sqrt(layer) for layer in range(1, num_layers + 1))
+    return {layer: math.sqrt(layer) / total for layer in range(1, num_layers + 1)}
+
+
+# --- the weighted exit loss -------------------------------------------------------------------------------
+
+
+def weighted_exit_loss(
+    model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Σ_l w_l · CE(logits_l, y) over the layers with w_l > 0, and each of those layers' CE.
+
+    The blocks run once up to the deepest weighted layer; the head runs once, on the stacked states of the
+    weighted layers only.
+    """
+    layers = sorted(layer for layer, w in weights.items() if w > 0)
+    hidden = hidden_states(model, x, layers)  # {layer: (B, T, C)}
+    h = torch.stack([hidden[layer] for layer in layers])  # (k, B, T, C)
+    logits = model.unembed(h)  # (k, B, T, V): one head call for every weighted exit
+    k, V = len(layers), logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1).repeat(k), reduction="none")
+    per_layer = ce.view(k, -1).mean(dim=1)  # (k,)
+    w = torch.tensor([weights[layer] for layer in layers], dtype=per_layer.dtype, device=per_layer.device)
+    return (w * per_layer).sum(), dict(zip(layers, per_layer))
+
+
+# --- the token-routed loss (seed 000) ---------------------------------------------------------------------
+
+
+def check_min_route_fraction(value: float) -> float:
+    """Validate the collapse guard's share; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 0.5:
+        raise ValueError(f"min_route_fraction: must be in [0, 0.5], got {value!r}")
+    return float(value)
+
+
+@dataclass
+class RouteDecision:
+    """The route of every token of one batch."""
+
+    exit_mask: torch.Tensor  # (N,) bool: True = exit-layer route
+    forced_exit: int  # tokens sent to the exit by the guard despite a confidence below the threshold
+    forced_deep: int  # tokens sent deep by the guard despite a confidence at or above the threshold
+
+
+def route_tokens(confidence: torch.Tensor, threshold: float, min_route_fraction: float = 0.0) -> RouteDecision:
+    """Exit where confidence >= threshold, then let each route keep at least ceil(f·N) tokens.
+
+    confidence: (N,) detached confidences at the exit layer. See `ease.strategies.token_routed` for why the
+    guard exists.
+    """
+    conf = confidence.reshape(-1)
+    n = conf.numel()
+    exit_mask = conf >= threshold
+    m = math.ceil(min_route_fraction * n) if min_route_fraction > 0 else 0
+    num_exit = int(exit_mask.sum().item())
+    forced_exit = forced_deep = 0
+    if m and num_exit < m:
+        exit_mask = torch.zeros_like(exit_mask)
+        exit_mask[conf.topk(m).indices] = True
+        forced_exit = m - num_exit
+    elif m and n - num_exit < m:
+        exit_mask = torch.ones_like(exit_mask)
+        exit_mask[conf.topk(m, largest=False).indices] = False
+        forced_deep = m - (n - num_exit)
+    return RouteDecision(exit_mask, forced_exit, forced_deep)
+
+
+@dataclass
+class TokenRoutedLoss:
+    """The routed loss of one batch and what went into it."""
+
+    loss: torch.Tensor  # scalar: (Σ_exit CE_e + Σ_deep CE_L) / N
+    decision: RouteDecision
+    exit_nll_sum: float
+    final_nll_sum: float
+    confidence_sum: float
+
+
+def token_routed_loss(
+    model: Backbone,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    exit_layer: int,
+    threshold: float,
+    min_route_fraction: float = 0.0,
+    confidence: str = "max_prob",
+) -> TokenRoutedLoss:
+    """Each token's CE at its own route only; the head runs on exit positions at e and deep positions at L.
+
+    The route is decided in the same pass, from the detached exit confidence of the current weights.
+    """
+    L = model.num_layers
+    hidden = hidden_states(model, x, [exit_layer, L])
+    target = y.reshape(-1)  # (N,)
+    h_exit = hidden[exit_layer].reshape(target.numel(), -1)  # (N, C)
+    h_final = hidden[L].reshape(target.numel(), -1)
+    exit_logits = model.unembed(h_exit).float()  # (N, V): every token, to decide its route
+    conf = confidence_fn(confidence)(exit_logits.detach())  # (N,)
+    decision = route_tokens(conf, threshold, min_route_fraction)
+    on_exit, deep = decision.exit_mask, ~decision.exit_mask
+    exit_nll = F.cross_entropy(exit_logits[on_exit], target[on_exit], reduction="sum")
+    final_nll = F.cross_entropy(model.unembed(h_final[deep]).float(), target[deep], reduction="sum")
+    loss = (exit_nll + final_nll) / target.numel()
+    return TokenRoutedLoss(loss, decision, exit_nll.item(), final_nll.item(), conf.sum().item())
+
+
+# --- the hard-token loss (ASHEM phase 2, seed 002) --------------------------------------------------------
+
+
+def upper_layer_logits(
+    model: Backbone, hidden: torch.Tensor, mask: torch.Tensor, num_lower_layers: int, top: int | None = None
+) -> torch.Tensor:
+    """Run layers k+1..top (default L) on cached layer-k states (every position, for context); the logits at
+    the masked positions only. hidden (B, T, C), mask (B, T) -> (n_masked, V)."""
+    top = model.num_layers if top is None else top
+    h = run_layers(model, hidden, num_lower_layers, top) if top > num_lower_layers else hidden  # (B, T, C)
+    return model.unembed(h[mask])  # (n, V): the head only where the loss is
+
+
+def hard_token_loss(
+    model: Backbone, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, num_lower_layers: int
+) -> torch.Tensor:
+    """Mean CE of the last layer on the hard (masked) tokens, from cached layer-k states."""
+    logits = upper_layer_logits(model, hidden, mask, num_lower_layers)
+    return F.cross_entropy(logits.float(), targets[mask])

@@ -1,0 +1,159 @@
+"""The backbone protocol: the few operations training, evaluation, ASHEM surgery and decoding use.
+
+Everything in EASE that runs a model speaks to it through `Backbone` alone: embed the ids, run decoder layer i
+(with an optional KV cache, at a position, optionally for a subset of the tokens), unembed through the shared
+final norm + head, the number of layers, the parameter groups (embedding, each layer, head) that per-layer
+learning rates and freezing act on, and a deeper copy for ASHEM's growth. The native `EarlyExitTransformer`
+implements it; a second backbone (a Hugging Face causal LM) plugs in by implementing the same methods.
+
+Layers are 1-indexed: layer 1 is the first decoder layer, layer `num_layers` the last. A layer's input is the
+previous layer's output (the embedding for layer 1), its output the hidden state before the shared norm.
+
+The functions below are the protocol's shared compositions (every backbone gets them for free): the hidden
+states after chosen layers, a range of layers, and the logits of chosen exits.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ease.routing import normalize_routing, route_by_confidence
+
+
+@dataclass
+class RoutedOutput:
+    """Per-token routed logits and the layer each token exited at."""
+
+    logits: torch.Tensor  # (B, T, V): each token scored by the logits of its exit layer
+    exit_layer: torch.Tensor  # (B, T) long, in 1..num_layers
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """An early-exit language model as EASE uses it.
+
+    Attributes:
+        num_layers: decoder layers L.
+        vocab_size: output classes of the head.
+        exit_layers: the routing exits, ascending (1-indexed, below L when active).
+        routing_thresholds: one confidence threshold per exit (0 = that exit is off).
+        confidence: the confidence measure routing uses ("max_prob", "top2_margin", "neg_entropy").
+    """
+
+    num_layers: int
+    vocab_size: int
+    exit_layers: tuple[int, ...]
+    routing_thresholds: tuple[float, ...]
+    confidence: str
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the input of layer 1, (B, T, C)."""
+        ...
+
+    def layer(
+        self,
+        i: int,
+        h: torch.Tensor,
+        pos: int = 0,
+        cache: Any = None,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run layer i on h (B, T, C), the tokens at positions pos..pos+T-1 -> (B, T, C).
+
+        With `cache` (from `new_cache`), attend over the positions that layer i's cache holds and append this
+        call's keys and values. With `active` (B, T) bool, only active tokens are updated; the others keep
+        their input state and only provide keys and values (CALM state propagation). A backbone may compute
+        the inactive tokens fully and discard their outputs, at no change in the result.
+        """
+        ...
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared exit: final norm, then the output head. (..., C) -> (..., V)."""
+        ...
+
+    def new_cache(self, batch_size: int, max_len: int) -> Any:
+        """An empty KV cache for every layer, for `layer(..., cache=)`."""
+        ...
+
+    def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """("embedding", ...), ("layer_1", ...) .. ("layer_L", ...), ("head", shared final norm + output head)."""
+        ...
+
+    def extended(self, num_layers: int) -> "Backbone":
+        """A deeper copy: layers 1..L, embedding and head copied, layers L+1..num_layers freshly initialised."""
+        ...
+
+    def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
+        """Change the inference routing without touching the weights."""
+        ...
+
+
+def check_layers(model: Backbone, layers: Sequence[int]) -> None:
+    """One-line ValueError unless every layer is in 1..L."""
+    if not layers:
+        raise ValueError("exit_layers: at least one layer is required")
+    bad = [layer for layer in layers if not 1 <= layer <= model.num_layers]
+    if bad:
+        raise ValueError(f"exit_layers: layers must be in 1..{model.num_layers}, got {bad}")
+
+
+def run_layers(model: Backbone, h: torch.Tensor, start: int, end: int, pos: int = 0) -> torch.Tensor:
+    """Apply layers start+1..end to the hidden state after layer `start`. (B, T, C) -> (B, T, C)."""
+    for i in range(start + 1, end + 1):
+        h = model.layer(i, h, pos)
+    return h
+
+
+def hidden_states(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """{layer: hidden state (B, T, C)} after each requested layer; no layer past the deepest one runs."""
+    wanted = sorted(set(layers))
+    check_layers(model, wanted)
+    h = model.embed(x)  # (B, T, C)
+    out: dict[int, torch.Tensor] = {}
+    for i in range(1, wanted[-1] + 1):
+        h = model.layer(i, h)
+        if i in wanted:
+            out[i] = h
+    return out
+
+
+def exit_logits(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """{layer: logits (B, T, V)} for exactly the requested layers: the head runs only there."""
+    return {layer: model.unembed(h) for layer, h in hidden_states(model, x, layers).items()}
+
+
+@torch.no_grad()
+def routed_forward(
+    model: Backbone,
+    x: torch.Tensor,
+    exit_layer: int | Sequence[int] | None = None,
+    routing_threshold: float | Sequence[float] | None = None,
+) -> RoutedOutput:
+    """Confidence routing, counted mode: run every layer, then score each token at its exit.
+
+    A token exits at the first routing exit whose confidence reaches that exit's threshold (a cascade when
+    several exits are given); otherwise at the last layer. Routing defaults to the model's own.
+    """
+    L = model.num_layers
+    if exit_layer is None:
+        exits, thresholds = model.exit_layers, model.routing_thresholds
+    else:
+        exits, thresholds = normalize_routing(exit_layer, routing_threshold or 0.0, L)
+    active = [e for e, t in zip(exits, thresholds) if t > 0]
+    logits = exit_logits(model, x, [*active, L])
+    if active:
+        exit_at = route_by_confidence({e: logits[e] for e in active}, dict(zip(exits, thresholds)), L, model.confidence)
+    else:
+        exit_at = torch.full(x.shape, L, dtype=torch.long, device=x.device)
+    out = logits[L].clone()
+    for e in active:
+        chosen = exit_at == e  # (B, T)
+        out[chosen] = logits[e][chosen]
+    return RoutedOutput(out, exit_at)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

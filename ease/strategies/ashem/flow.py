@@ -1,0 +1,241 @@
+"""The whole ASHEM flow (seed 002): phase 1, the threshold and hard examples, growth and freezing, phase 2.
+
+Resuming. `run_ashem` reports an `ASHEMProgress` after every epoch of either phase and carries on from one
+(`resume=`) with the result of an uninterrupted run. The hard examples are not saved: a phase-2 resume
+rebuilds them from Block 1's final weights, which the saved state holds.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ease.evaluation import Batch
+from ease.model.backbone import Backbone
+from ease.model.surgery import freeze_lower_layers, frozen_groups, params_unchanged
+from ease.strategies.ashem.cache import HardExamples, cache_exit_states, confidence_quantile
+from ease.strategies.ashem.config import ASHEMConfig
+from ease.strategies.ashem.phases import Phase2State, evaluate_on_hard_examples, train_phase1, train_phase2
+from ease.training.state import EarlyStoppingState, rng_state, set_rng_state
+from ease.training.trainer import Trainer
+
+log = logging.getLogger("ease.ashem")
+
+
+@dataclass
+class ASHEMResult:
+    """What `run_ashem` produces: the routed model and the record of both phases."""
+
+    model: Backbone  # L layers, routing (k, threshold)
+    phase1_model: Backbone  # Block 1 alone, as phase 1 left it
+    threshold: float
+    hard_examples: HardExamples  # the source split's cache (threshold set)
+    val_examples: HardExamples  # the validation cache at the same threshold
+    phase1: dict[str, Any]
+    phase2: dict[str, Any]
+    final: dict[str, Any]  # Trainer.evaluate on val with the two-stage routing
+    frozen_params_unchanged: bool
+    eval_trainer: Trainer
+    train_time_s: float  # both phases, hard-example collection included; final evaluation excluded
+    trained_positions: int  # positions trained on (phase 1 tokens + positions Block 2 ran over)
+    state: dict[str, Any] = field(default_factory=dict)  # the finished run's resumable state (`ASHEMProgress.state`)
+
+
+@dataclass
+class ASHEMProgress:
+    """A point `run_ashem` can resume from, handed to its `on_epoch_end` after every epoch of either phase.
+
+    `{"model": progress.model.state_dict(), "train_state": progress.state}` (what
+    `save_checkpoint(path, progress.model, train_state=progress.state)` writes, among other keys) passed back
+    as `run_ashem(..., resume=...)` carries on from this point. The tensors in `state` are the live ones:
+    save them at once, do not keep them.
+
+    Attributes:
+        phase: 1 (Block 1 on every token) or 2 (Block 2 on the hard tokens).
+        phase_epoch: epochs done in this phase.
+        epoch: epochs done in both phases (phase 1's, then phase 2's), as the run's history numbers them.
+        model: the model being trained: Block 1 alone (k layers) in phase 1, the routed L-layer model in phase 2.
+        state: everything else a resume needs: "strategy" ("ashem"), "phase", "epoch", "completed", and in
+            phase 1 "phase1_train" (`Trainer.training_state`: optimizer, RNGs, early stopping); in
+            phase 2 "phase1" (phase 1's record), "phase1_model" (Block 1's final weights, from which the
+            threshold and hard examples are rebuilt), "threshold" and "phase2_train" (optimizer, RNGs,
+            early stopping, the metrics before phase 2).
+    """
+
+    phase: int
+    phase_epoch: int
+    epoch: int
+    model: Backbone
+    state: dict[str, Any]
+
+
+def _saved_state(resume: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ASHEM training state of a resume checkpoint; one-line error if it holds none."""
+    if resume is None:
+        return None
+    state = resume.get("train_state")
+    if not isinstance(state, dict) or state.get("strategy") != "ashem" or state.get("phase") not in (1, 2):
+        raise ValueError("resume: the checkpoint holds no ASHEM training state (saved by another strategy or task?)")
+    return state
+
+
+def run_ashem(
+    config: ASHEMConfig,
+    phase1_model: Backbone,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    monitor: str = "loss",
+    analysis_thresholds: Iterable[float] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    verbose: bool = True,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[ASHEMProgress], None] | None = None,
+) -> ASHEMResult:
+    """The whole seed-002 flow on a fresh `phase1_model` of `config.phase1_layers` layers.
+
+    1. Phase 1 trains Block 1 (layers 1..k) on all tokens with early stopping (phase1_lr, phase1_patience).
+    2. The threshold is the `hard_example_ratio` quantile of the exit confidences on the source split
+       (`hard_examples_from`); the source's layer-k states are cached with the hard mask.
+    3. The model is extended to L layers; embedding, Block 1 (and the head unless `phase2_train_head`) are
+       frozen and checked bit-identical at the end.
+    4. Phase 2 trains Block 2 on the cached hard tokens (phase2_lr, phase2_patience on val hard tokens).
+    5. The final model routes at layer k with the threshold; it is evaluated on `val_batches`.
+
+    Resuming: `on_epoch_end` gets an `ASHEMProgress` after every epoch of either phase; its model weights and
+    state passed back as `resume` (a checkpoint dict with "model" and "train_state") carry on from there,
+    with the same result as an uninterrupted run (bit for bit on CPU). A phase-2 resume skips phase 1 and
+    rebuilds the threshold and hard examples from Block 1's saved final weights (deterministic: eval mode,
+    the source batches set to the epoch after phase 1's last); a rebuilt threshold that differs from the
+    saved one (other data or settings) is an error. `phase1_model` must be freshly built in both cases.
+    """
+    k, L = config.phase1_layers, config.phase2_layers
+    if phase1_model.num_layers != k:
+        raise ValueError(f"phase1_layers: the phase-1 model has {phase1_model.num_layers} layers, expected {k}")
+    saved = _saved_state(resume)
+    phase = saved["phase"] if saved else 1
+    t_start = time.perf_counter()
+
+    # Phase 1: Block 1 on every token (skipped when resuming in phase 2).
+    def phase1_epoch_end(epoch: int, state: dict[str, Any]) -> None:
+        if on_epoch_end is not None:
+            state = {"strategy": "ashem", "phase": 1, "epoch": epoch, "completed": False, **state}
+            on_epoch_end(ASHEMProgress(1, epoch, epoch, phase1_model, state))
+
+    if phase == 1:
+        phase1 = train_phase1(
+            config, phase1_model, train_batches, val_batches, device, weight_decay, grad_clip, monitor, progress,
+            verbose, resume, phase1_epoch_end,
+        )  # fmt: skip
+    else:
+        phase1_model.load_state_dict(saved["phase1_model"])
+        phase1 = saved["phase1"]
+    trained_positions = sum(row["train_tokens"] for row in phase1["history"])
+
+    # Threshold and hard examples, from one pass of the frozen block over the source split.
+    source = val_batches if config.hard_examples_from == "val" else train_batches
+    if hasattr(source, "set_epoch"):
+        # The window order phase 1 would iterate next: fixed here so a resumed run caches the same order.
+        source.set_epoch(phase1["epochs_run"])
+    cache = cache_exit_states(phase1_model, source, k, config.confidence, device)
+    threshold = confidence_quantile(cache.confidences, config.hard_example_ratio)
+    threshold = min(max(threshold, math.ulp(0.0)), 1.0)  # 0 would switch routing off
+    if phase == 2 and threshold != saved["threshold"]:
+        raise ValueError(
+            f"resume: the threshold rebuilt from the checkpoint's Block 1 is {threshold}, the checkpoint has "
+            f"{saved['threshold']} (the data or settings changed?)"
+        )
+    hard = cache.with_threshold(threshold)
+    if config.hard_examples_from == "val":
+        val_hard = hard
+    else:
+        val_hard = cache_exit_states(phase1_model, val_batches, k, config.confidence, device).with_threshold(threshold)
+    log.info(
+        "threshold %.4f at layer %d: %d of %d %s tokens hard (%.1f%%, target %.1f%%)",
+        threshold, k, hard.num_hard_tokens, hard.num_tokens, config.hard_examples_from, 100 * hard.hard_ratio,
+        100 * config.hard_example_ratio,
+    )  # fmt: skip
+
+    # Extend, freeze, phase 2 from the cache.
+    model = phase1_model.extended(L)
+    model.set_routing(k, threshold)
+    snapshot = freeze_lower_layers(model, k, freeze_head=not config.phase2_train_head)  # Block 1's own values
+    config2 = config.phase2_config(threshold)
+    eval_trainer = Trainer(config2, model.vocab_size, device, grad_clip, progress=progress)
+    optimizer2 = eval_trainer.create_optimizer(model, config.phase2_lr, weight_decay)
+    hard_ppl_at_exit = evaluate_on_hard_examples(phase1_model, val_hard, device, k, layer=k)["ppl"]
+    state2 = Phase2State()
+    if phase == 2:
+        train2 = saved["phase2_train"]
+        model.load_state_dict(resume["model"])
+        optimizer2.load_state_dict(train2["optimizer"])
+        state2 = Phase2State(EarlyStoppingState(**train2["early_stopping"]), train2["before"])
+        set_rng_state(train2["rng"])  # last: building the model above drew from the RNG
+
+    def phase2_state(state: Phase2State, completed: bool) -> dict[str, Any]:
+        stopping = state.stopping
+        return {
+            "strategy": "ashem",
+            "phase": 2,
+            "epoch": phase1["epochs_run"] + len(stopping.history),
+            "completed": completed,
+            "phase1": phase1,
+            "phase1_model": phase1_model.state_dict(),
+            "threshold": threshold,
+            "phase2_train": {
+                "optimizer": optimizer2.state_dict(),
+                "rng": rng_state(),
+                "early_stopping": stopping.to_dict(),
+                "before": state.before,
+            },
+        }
+
+    def phase2_epoch_end(epoch: int, state: Phase2State) -> None:
+        if on_epoch_end is not None:
+            total = phase1["epochs_run"] + epoch
+            on_epoch_end(ASHEMProgress(2, epoch, total, model, phase2_state(state, completed=False)))
+
+    phase2 = train_phase2(
+        model, hard, val_hard, config, optimizer2, batch_size, device, grad_clip, seed, verbose, state2,
+        phase2_epoch_end,
+    )  # fmt: skip
+    final_state = phase2_state(state2, completed=True)
+    phase2["hard_ppl_at_exit"] = hard_ppl_at_exit
+    phase2["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    phase2["frozen_parameters"] = sum(v.numel() for v in snapshot.values())
+    phase2["frozen"] = frozen_groups(k, freeze_head=not config.phase2_train_head)
+    trained_positions += phase2["num_positions_per_epoch"] * phase2["epochs_run"]
+    unchanged = params_unchanged(model, snapshot)
+    if not unchanged:
+        log.error("frozen parameters changed during phase 2")
+    for p in model.parameters():  # the returned model is a normal, trainable module again
+        p.requires_grad_(True)
+
+    train_time = time.perf_counter() - t_start
+    thresholds = sorted({*(analysis_thresholds or ()), threshold})
+    t_eval = time.perf_counter()
+    final = eval_trainer.evaluate(model, val_batches, thresholds=thresholds)
+    final["eval_time_s"] = time.perf_counter() - t_eval
+    return ASHEMResult(
+        model=model,
+        phase1_model=phase1_model,
+        threshold=threshold,
+        hard_examples=hard,
+        val_examples=val_hard,
+        phase1=phase1,
+        phase2=phase2,
+        final=final,
+        frozen_params_unchanged=unchanged,
+        eval_trainer=eval_trainer,
+        train_time_s=train_time,
+        trained_positions=trained_positions,
+        state=final_state,
+    )
