@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ease.data import DataBundle, DataConfig, build_data
-from ease.schedule import asymmetric, final_only, uniform
+from ease.losses import asymmetric, final_only, uniform
 
 REPO = Path(__file__).resolve().parents[1]
 # The seeds' setting: vocabulary 1000, dim 64, 3 layers, sequences of 64, batches of 32.

@@ -17,7 +17,7 @@ from benchmarks.common import method_weights
 from benchmarks.flops import block_flops, head_flops
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
 from ease.data import DataBundle
-from ease.routed_eval import evaluate_routed
+from ease.inference.routed_eval import evaluate_routed
 from ease.routing import max_prob
 
 K10 = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)

@@ -17,7 +17,7 @@ They are memory-bound and cost more time per FLOP than matmuls, so configs heavi
 supervision adds a cross-entropy per exit) run slower than their FLOP count says.
 """
 
-from ease.modules.ffn import swiglu_hidden_dim
+from ease.model.ffn import swiglu_hidden_dim
 
 
 def block_flops(dim: int, seq_len: int, hidden_dim: int | None = None) -> float:

@@ -18,7 +18,7 @@ from benchmarks.common import method_weights
 from benchmarks.flops import decode_flops
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
 from ease.data import DataBundle
-from ease.generation import SamplingConfig, decode
+from ease.inference.generation import SamplingConfig, decode
 from ease.routing import max_prob
 
 TARGETS = (0.3, 0.5, 0.7)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import run_worker
 from ease import EarlyExitTransformer
-from ease.decoding import EarlyExitDecoder
-from ease.generation import intra_op_threads
+from ease.inference.fused import FusedDecoder as EarlyExitDecoder
+from ease.inference.generation import intra_op_threads
 
 
 def run_training_compile(base: dict[str, Any], eager: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:

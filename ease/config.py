@@ -9,8 +9,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ease.routing import CONFIDENCE_MEASURES, normalize_routing
 from ease.losses import uniform
+from ease.routing import CONFIDENCE_MEASURES, normalize_routing
 from ease.schedule import AlphaSchedule
 
 

@@ -31,10 +31,12 @@ def strip_timing(obj):
 
 
 def train_py(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` as a subprocess, output captured."""
+    """`python train.py ARGS` as a subprocess, output captured; tests/ is on its path (for `killswitch`)."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
     )  # fmt: skip
 
 

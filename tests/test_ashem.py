@@ -9,7 +9,8 @@ from conftest import random_batches as conftest_batches
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, StageConfig, TrainingConfig
-from ease.ashem import (
+from ease.data import DataConfig, build_data
+from ease.strategies.ashem import (
     ASHEMConfig,
     HardExampleBatches,
     cache_exit_states,
@@ -20,15 +21,20 @@ from ease.ashem import (
     create_hard_example_loader,
     evaluate_on_hard_examples,
     evaluate_routed_from_cache,
-    extend_model,
     freeze_lower_layers,
     params_unchanged,
     run_ashem,
     train_upper_layers,
 )
-from ease.data import DataConfig, build_data
 
 V = 32
+
+
+def grow(model, num_layers: int, exit_layer: int | None = None, routing_threshold: float = 0.0):
+    """ASHEM's growth: the protocol's deeper copy, routed at `exit_layer` (default: the old top)."""
+    big = model.extended(num_layers)
+    big.set_routing(exit_layer or model.num_layers, routing_threshold)
+    return big
 
 
 def tiny_data(source_seed: int = 0):
@@ -179,7 +185,7 @@ def test_hard_examples_hold_the_seed_fields() -> None:
 
 def test_extend_model_keeps_block1_outputs() -> None:
     small = make_model(2)
-    big = extend_model(small, 4, exit_layer=2, routing_threshold=0.3)
+    big = grow(small, 4, exit_layer=2, routing_threshold=0.3)
     x = random_batches()[0][0]
     with torch.no_grad():
         assert_close(big(x, [2])[2], small(x))
@@ -193,13 +199,13 @@ def test_frozen_parameters_bit_identical_after_phase2(ashem_run) -> None:
     for name, p in small.named_parameters():  # embedding, layers 1-2, norm, head: exactly phase 1's
         assert torch.equal(dict(big.named_parameters())[name], p), name
     assert result.phase2["epochs_run"] >= 1
-    fresh = extend_model(small, 4)  # same construction, untrained upper block
+    fresh = grow(small, 4)  # same construction, untrained upper block
     changed = [not torch.equal(a, b) for a, b in zip(big.layers[2].parameters(), fresh.layers[2].parameters())]
     assert any(changed)
 
 
 def test_freeze_then_train_changes_only_the_upper_block() -> None:
-    model = extend_model(make_model(2), 4, exit_layer=2, routing_threshold=0.5)
+    model = grow(make_model(2), 4, exit_layer=2, routing_threshold=0.5)
     batches = random_batches(seed=1)
     hard = collect_hard_examples(model, batches, 0.9, exit_layer=2)
     snapshot = freeze_lower_layers(model, 2)
@@ -215,7 +221,7 @@ def test_freeze_then_train_changes_only_the_upper_block() -> None:
 
 
 def test_train_head_option_leaves_embedding_and_block1_frozen() -> None:
-    model = extend_model(make_model(2), 4)
+    model = grow(make_model(2), 4)
     snapshot = freeze_lower_layers(model, 2, freeze_head=False)
     assert "output_head.weight" not in snapshot and "norm.weight" not in snapshot
     assert {"embedding.weight", "layers.1.ffn.w2.weight"} <= set(snapshot)
@@ -225,7 +231,7 @@ def test_train_head_option_leaves_embedding_and_block1_frozen() -> None:
 def test_phase2_from_cache_equals_rerunning_the_frozen_layers() -> None:
     """Loss and upper-block gradients from cached layer-2 states equal those of the full forward pass."""
     torch.manual_seed(1)
-    model = extend_model(make_model(2), 4, exit_layer=2)
+    model = grow(make_model(2), 4, exit_layer=2)
     for p in model.layers[2:].parameters():  # make the upper block non-trivial
         p.data.normal_(0, 0.2)
     batches = random_batches(n=2, seed=2)

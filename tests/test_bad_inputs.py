@@ -155,4 +155,4 @@ def test_checkpoint_of_another_size_left_the_good_run_alone(results: dict[str, t
     _, out = results["checkpoint of another model size"]
     record = json.loads((out / "metrics.json").read_text())
     assert record["status"] == "failed"  # the refused resume rewrote the record as failed; the checkpoint stays
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["model_args"]["dim"] == 16
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["model_args"]["dim"] == 16

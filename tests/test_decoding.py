@@ -1,4 +1,8 @@
-"""EarlyExitDecoder: cached decoding equals a full forward, matches plain reference decoders, batches rows."""
+"""The decoders: cached decoding equals a full forward, matches plain reference decoders, batches rows.
+
+Every behaviour test runs twice: on `EarlyExitDecoder` (the reference, over the backbone protocol) and on
+`FusedDecoder` (the native fast path), so the two are held to the same plain references.
+"""
 
 import pytest
 import torch
@@ -7,8 +11,9 @@ from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer
-from ease.decoding import EarlyExitDecoder, rotation_matrices
-from ease.modules import apply_rotary
+from ease.inference.decoder import EarlyExitDecoder
+from ease.inference.fused import FusedDecoder, rotation_matrices
+from ease.model import apply_rotary
 from ease.routing import max_prob
 
 V, D, L, H = 24, 32, 4, 4
@@ -25,6 +30,11 @@ def model() -> EarlyExitTransformer:
     return m
 
 
+@pytest.fixture(params=[EarlyExitDecoder, FusedDecoder], ids=["reference", "fused"])
+def decoder_cls(request: pytest.FixtureRequest) -> type:
+    return request.param
+
+
 @pytest.fixture
 def seqs() -> torch.Tensor:
     return torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -38,11 +48,11 @@ def cascade(model: EarlyExitTransformer, seqs: torch.Tensor) -> tuple[list[int],
 
 
 def run_decoder(
-    model: EarlyExitTransformer, seqs: torch.Tensor, prompt_len: int, **kwargs
-) -> tuple[torch.Tensor, torch.Tensor, EarlyExitDecoder]:
+    cls: type, model: EarlyExitTransformer, seqs: torch.Tensor, prompt_len: int, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, EarlyExitDecoder | FusedDecoder]:
     """Prefill seqs[:, :prompt_len], then feed the rest one token per step (teacher forcing)."""
     B, T = seqs.shape
-    dec = EarlyExitDecoder(model, B, T, **kwargs)
+    dec = cls(model, B, T, **kwargs)
     dec.prefill(seqs[:, :prompt_len])
     logits, exits = [], []
     for t in range(prompt_len, T):
@@ -114,11 +124,11 @@ def reference_exact(
 
 
 @pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])
-def test_threshold_zero_equals_full_forward_at_every_layer(model, seqs, kv_mode) -> None:
+def test_threshold_zero_equals_full_forward_at_every_layer(decoder_cls, model, seqs, kv_mode) -> None:
     B, T = seqs.shape
     with torch.no_grad():
         full = model(seqs, range(1, L + 1))
-    dec = EarlyExitDecoder(model, B, T, routing_threshold=0.0, kv_mode=kv_mode)
+    dec = decoder_cls(model, B, T, routing_threshold=0.0, kv_mode=kv_mode)
     first = dec.prefill(seqs[:, :5], return_layers=True)
     second = dec.prefill(seqs[:, 5:8], return_layers=True)  # a prefill that starts mid-cache
     for layer in range(1, L + 1):
@@ -140,9 +150,9 @@ def test_rotation_matrices_equal_apply_rotary(model) -> None:
     assert_close(rotated, apply_rotary(x, cos, sin))
 
 
-def test_propagate_matches_plain_reference_decoder(model, seqs) -> None:
+def test_propagate_matches_plain_reference_decoder(decoder_cls, model, seqs) -> None:
     exits, thresholds = cascade(model, seqs)
-    logits, exit_at, dec = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
+    logits, exit_at, dec = run_decoder(decoder_cls, model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
     counts = torch.bincount(exit_at.flatten(), minlength=L + 1)
     assert counts[1] > 0 and counts[2] > 0 and counts[L] > 0, counts  # every path is exercised
     for b in range(seqs.shape[0]):
@@ -155,11 +165,13 @@ def test_propagate_matches_plain_reference_decoder(model, seqs) -> None:
     assert dec.kv_tokens == int(((L - exit_at).clamp(min=0)).sum())
 
 
-def test_propagation_changes_later_tokens(model, seqs) -> None:
+def test_propagation_changes_later_tokens(decoder_cls, model, seqs) -> None:
     """The KV trade-off is real: with propagation, deep tokens after an early exit see different K/V."""
     exits, thresholds = cascade(model, seqs)
-    prop, prop_exits, _ = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
-    exact, _, _ = run_decoder(model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute")
+    prop, prop_exits, _ = run_decoder(decoder_cls, model, seqs, 6, exit_layer=exits, routing_threshold=thresholds)
+    exact, _, _ = run_decoder(
+        decoder_cls, model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute"
+    )
     first_exit = (prop_exits < L).float().argmax(1)  # per row, the first step that stopped early
     deep_later = torch.zeros_like(prop_exits, dtype=torch.bool)
     for b, s in enumerate(first_exit.tolist()):
@@ -168,10 +180,10 @@ def test_propagation_changes_later_tokens(model, seqs) -> None:
     assert not torch.allclose(prop[deep_later], exact[deep_later], **TOL)
 
 
-def test_recompute_matches_full_forward_routing(model, seqs) -> None:
+def test_recompute_matches_full_forward_routing(decoder_cls, model, seqs) -> None:
     exits, thresholds = cascade(model, seqs)
     logits, exit_at, dec = run_decoder(
-        model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute"
+        decoder_cls, model, seqs, 6, exit_layer=exits, routing_threshold=thresholds, kv_mode="recompute"
     )
     assert (exit_at < L).any() and (exit_at == L).any()
     for b in range(seqs.shape[0]):
@@ -183,22 +195,22 @@ def test_recompute_matches_full_forward_routing(model, seqs) -> None:
 
 
 @pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])
-def test_batch_rows_equal_each_row_alone(model, seqs, kv_mode) -> None:
+def test_batch_rows_equal_each_row_alone(decoder_cls, model, seqs, kv_mode) -> None:
     exits, thresholds = cascade(model, seqs)
     kwargs = {"exit_layer": exits, "routing_threshold": thresholds, "kv_mode": kv_mode}
-    logits, exit_at, _ = run_decoder(model, seqs, 6, **kwargs)
+    logits, exit_at, _ = run_decoder(decoder_cls, model, seqs, 6, **kwargs)
     mixed = [len(set(col.tolist())) > 1 for col in exit_at.T]
     assert any(mixed), "no step where rows of the batch exit at different layers"
     for b in range(seqs.shape[0]):
-        alone_logits, alone_exits, _ = run_decoder(model, seqs[b : b + 1], 6, **kwargs)
+        alone_logits, alone_exits, _ = run_decoder(decoder_cls, model, seqs[b : b + 1], 6, **kwargs)
         assert exit_at[b].tolist() == alone_exits[0].tolist()
         assert_close(logits[b], alone_logits[0], **TOL)
 
 
-def test_step_output_is_the_exit_layers_logits(model, seqs) -> None:
+def test_step_output_is_the_exit_layers_logits(decoder_cls, model, seqs) -> None:
     """Each row's logits are those of its exit layer; layers above it are NaN (or absent) in layer_logits."""
     exits, thresholds = cascade(model, seqs)
-    dec = EarlyExitDecoder(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
+    dec = decoder_cls(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
     dec.prefill(seqs[:, :6])
     for t in range(6, 20):
         out = dec.step(seqs[:, t], return_layers=True)
@@ -208,26 +220,26 @@ def test_step_output_is_the_exit_layers_logits(model, seqs) -> None:
                 assert layer not in out.layer_logits or torch.isnan(out.layer_logits[layer][b]).all()
 
 
-def test_errors(model) -> None:
+def test_errors(decoder_cls, model) -> None:
     with pytest.raises(ValueError, match="kv_mode"):
-        EarlyExitDecoder(model, kv_mode="lazy")
+        decoder_cls(model, kv_mode="lazy")
     with pytest.raises(ValueError, match="batch_size"):
-        EarlyExitDecoder(model, batch_size=0)
-    dec = EarlyExitDecoder(model, 2, 4)
+        decoder_cls(model, batch_size=0)
+    dec = decoder_cls(model, 2, 4)
     with pytest.raises(ValueError, match="shape"):
         dec.step(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="max_len"):
         dec.prefill(torch.zeros(2, 5, dtype=torch.long))
-    dec = EarlyExitDecoder(model, 1, 8, routing_threshold=1e-9, kv_mode="recompute")
+    dec = decoder_cls(model, 1, 8, routing_threshold=1e-9, kv_mode="recompute")
     dec.step(torch.tensor([1]))  # stops at layer 1: layers 2..L pending
     with pytest.raises(ValueError, match="pending"):
         dec.prefill(torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_batched_sampling_path_uses_only_running_rows(model, seqs) -> None:
-    """A layer that runs for a subset reads only those rows' caches: rows that stopped are not touched."""
+    """Fused: a layer that runs for a subset reads only those rows' caches; stopped rows are not touched."""
     exits, thresholds = cascade(model, seqs)
-    dec = EarlyExitDecoder(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
+    dec = FusedDecoder(model, 3, 20, exit_layer=exits, routing_threshold=thresholds)
     dec.prefill(seqs[:, :6])
     before = dec._v.clone()
     out = dec.step(seqs[:, 6])
@@ -236,3 +248,15 @@ def test_batched_sampling_path_uses_only_running_rows(model, seqs) -> None:
     assert changed.all()  # a full block or a propagated K/V: every layer gets K/V at t for every row
     assert (dec._v[:, :, :, :t] == before[:, :, :, :t]).all()  # the past is left alone
     assert F.softmax(out.logits, -1).sum(-1).allclose(torch.ones(3))
+
+
+@pytest.mark.parametrize("kv_mode", ["propagate", "recompute"])
+def test_fused_equals_reference_decoder(model, seqs, kv_mode) -> None:
+    """The fast path computes what the reference computes: the same exits, logits to rounding."""
+    exits, thresholds = cascade(model, seqs)
+    kwargs = {"exit_layer": exits, "routing_threshold": thresholds, "kv_mode": kv_mode}
+    ref_logits, ref_exits, _ = run_decoder(EarlyExitDecoder, model, seqs, 6, **kwargs)
+    fused_logits, fused_exits, _ = run_decoder(FusedDecoder, model, seqs, 6, **kwargs)
+    assert (ref_exits < L).any() and (ref_exits == L).any()
+    assert fused_exits.tolist() == ref_exits.tolist()
+    assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)

@@ -77,7 +77,7 @@ def test_cached_pass_gives_identical_metrics_and_follows_the_checkpoint(
     # Rewritten weights must not be scored from the old pass.
     copy = tmp_path / "copy"
     copy.mkdir()
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     ckpt["model"]["output_head.weight"] = torch.zeros_like(ckpt["model"]["output_head.weight"])
     torch.save(ckpt, copy / "checkpoint.pt")
     zeroed = evaluate(copy, tmp_path / "d", "routing.threshold=0.1")["metrics"]

@@ -13,8 +13,8 @@ from ease import EarlyExitTransformer
 from ease.app.runner import run
 from ease.checkpoint import save_checkpoint
 from ease.data import WordTokenizer
-from ease.decoding import EarlyExitDecoder
-from ease.generation import SamplingConfig, generate, sample_next
+from ease.inference.fused import FusedDecoder as EarlyExitDecoder
+from ease.inference.generation import SamplingConfig, generate, sample_next
 
 TEXT = "the cat sat on the mat and the dog ran to the park where the cat sat again\n" * 4
 

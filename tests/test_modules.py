@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer
-from ease.modules import (
+from ease.model import (
     CausalSelfAttention,
     GatedLinearUnit,
     RMSNorm,
@@ -17,7 +17,7 @@ from ease.modules import (
     TransformerBlock,
     apply_rotary,
 )
-from ease.modules.attention import KVCache
+from ease.model.attention import KVCache
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, compose, strip_timing, train_py
+from killswitch import kill_after
 
-from ease.app.records import write_json_atomic
 from ease.app.runner import run
-from ease.trainer import NonFiniteLossError, Trainer
+from ease.io import write_json_atomic
+from ease.training import NonFiniteLossError, Trainer
 
 RUN = [
     "+preset=asymmetric", "model=tiny", "data=synthetic", "data.synthetic_tokens=6000", "schedule=linear",
@@ -20,11 +21,11 @@ RUN = [
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert train_py(*RUN, f"hydra.run.dir={full}").returncode == 0
-    # The test-only hook SIGKILLs the process right after epoch 2's checkpoint is written.
-    proc = train_py(*RUN, f"hydra.run.dir={killed}", env={"EASE_TEST_KILL_AFTER_EPOCH": "2"})
+    # A test-only run callback SIGKILLs the process right after epoch 2's checkpoint is written.
+    proc = train_py(*RUN, *kill_after(2), f"hydra.run.dir={killed}")
     assert proc.returncode == -9
     assert not (killed / "metrics.json").exists()
-    state = torch.load(killed / "checkpoint.pt", weights_only=False)["train_state"]
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)["train_state"]
     assert state["epoch"] == 2 and not state["completed"]
     proc = train_py(*RUN, "resume=true", f"hydra.run.dir={killed}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -45,20 +46,20 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Trainer.compute_loss
+    real = Trainer.batch_loss
 
-    def nan_in_second_epoch(self, model, x, y, weights=None):
-        loss = real(self, model, x, y, weights)
-        return loss * float("nan") if self.epoch >= 1 else loss
+    def nan_in_second_epoch(self, model, x, y, weights):
+        loss, report = real(self, model, x, y, weights)
+        return (loss * float("nan") if self.epoch >= 1 else loss), report
 
-    monkeypatch.setattr(Trainer, "compute_loss", nan_in_second_epoch)
+    monkeypatch.setattr(Trainer, "batch_loss", nan_in_second_epoch)
     cfg = compose([*FAST, "train.max_epochs=3"])
     with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
         run(cfg, tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "failed"
     assert "non-finite training loss" in record["error"]
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["train_state"]["epoch"] == 1  # epoch 1's checkpoint, not overwritten
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 

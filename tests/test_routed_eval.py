@@ -6,8 +6,8 @@ from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
-from ease.decoding import EarlyExitDecoder
-from ease.routed_eval import evaluate_routed, skip_routed_forward
+from ease.inference.fused import FusedDecoder as EarlyExitDecoder
+from ease.inference.routed_eval import evaluate_routed, skip_routed_forward
 from ease.routing import max_prob
 
 V, D, L, H = 24, 32, 4, 4

@@ -10,7 +10,7 @@ from conftest import FAST, compose, train_py
 from ease.app.runner import run, validate
 from ease.checkpoint import load_checkpoint
 from ease.data import DataConfig, build_data
-from ease.trainer import Trainer
+from ease.training import Trainer
 
 SMALL_ASHEM = ["+preset=ashem", "data=synthetic", "model.dim=16", "model.num_heads=2", "progress=false"]
 STANDARD_KEYS = (
@@ -63,7 +63,7 @@ def test_train_py_ashem_end_to_end(tmp_path: Path) -> None:
     assert model.routing_thresholds[0] == pytest.approx(s["threshold"])
     assert ckpt["strategy"]["name"] == "ashem"
     config = s["config"]
-    from ease.ashem import ASHEMConfig
+    from ease.strategies.ashem import ASHEMConfig
 
     trainer = Trainer(ASHEMConfig(**config).phase2_config(model.routing_threshold))
     again = trainer.evaluate(model, synthetic_val(record))

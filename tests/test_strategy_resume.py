@@ -1,9 +1,9 @@
 """Resuming strategy=ashem and strategy=token_routed: a kill at any epoch, of either ASHEM phase, then resume=true in
 the same run folder ends with the metrics of an uninterrupted run, bit for bit on CPU (timing keys aside).
 
-SIGKILL through the test-only hook (EASE_TEST_KILL_AFTER_EPOCH) in a subprocess for one epoch of each phase; for
-every other epoch the hook is replaced in-process by an exception, which stops the run at the same point (right
-after that epoch's checkpoint) in a fraction of the time.
+SIGKILL through a test-only run callback (`killswitch.KillAfterEpoch`) in a subprocess for one epoch of each phase;
+for every other epoch an in-process callback raises instead, which stops the run at the same point (right after
+that epoch's checkpoint) in a fraction of the time.
 """
 
 import json
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, strip_timing, train_py
+from killswitch import Interrupted, interrupt_after, kill_after
 
-import ease.strategies.resume
 from ease.app.runner import run
 from ease.checkpoint import load_checkpoint
 
@@ -35,26 +35,14 @@ TOKEN_ROUTED = [
 ]  # fmt: skip
 
 
-class Interrupted(BaseException):
-    """Stands in for a kill in-process: raised by the kill hook right after an epoch's checkpoint."""
-
-
 def metrics(overrides: list[str], out: Path) -> dict:
     """Run in-process; the metrics as metrics.json has them (JSON floats round-trip exactly)."""
     run(compose(overrides), out)
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
-def interrupt_after(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    def hook(done: int) -> None:
-        if done == epoch:
-            raise Interrupted(epoch)
-
-    monkeypatch.setattr(ease.strategies.resume, "_kill_hook", hook)
-
-
 def train_state(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["train_state"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]
 
 
 # --- ASHEM --------------------------------------------------------------------------------------------------------
@@ -68,7 +56,7 @@ def test_ashem_sigkill_in_each_phase_then_resume_matches_uninterrupted_run(
     assert [row["phase"] for row in full["history"]] == ASHEM_PHASES
     for kill, phase in ((2, 1), (5, 2)):
         out = tmp_path / f"killed_{kill}"
-        proc = train_py(*ASHEM, f"hydra.run.dir={out}", env={"EASE_TEST_KILL_AFTER_EPOCH": str(kill)})
+        proc = train_py(*ASHEM, *kill_after(kill), f"hydra.run.dir={out}")
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert not (out / "metrics.json").exists()
         state = train_state(out)
@@ -96,33 +84,27 @@ def test_ashem_sigkill_in_each_phase_then_resume_matches_uninterrupted_run(
 # Every epoch with the seed's hard examples from val; with them from train, the epochs where the source
 # batches' order matters: phase 1's last (the cache is rebuilt after it) and phase 2's last (already stopped).
 @pytest.mark.parametrize(("source", "kills"), [("val", [1, 2, 3, 4, 5, 6]), ("train", [4, 6])])
-def test_ashem_resume_after_any_epoch_matches_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, kills: list[int]
-) -> None:
+def test_ashem_resume_after_any_epoch_matches_uninterrupted_run(tmp_path: Path, source: str, kills: list[int]) -> None:
     cfg = [*ASHEM, f"strategy.hard_examples_from={source}"]
     full = metrics(cfg, tmp_path / "full")
     assert [row["phase"] for row in full["history"]] == ASHEM_PHASES
     for kill in kills:
         phase = ASHEM_PHASES[kill - 1]
         out = tmp_path / f"killed_{kill}"
-        interrupt_after(monkeypatch, kill)
         with pytest.raises(Interrupted):
-            run(compose(cfg), out)
+            run(compose([*cfg, *interrupt_after(kill)]), out)
         state = train_state(out)
         assert (state["phase"], state["epoch"]) == (phase, kill)
-        monkeypatch.undo()
         assert strip_timing(metrics([*cfg, "resume=true"], out)) == strip_timing(full), f"killed after epoch {kill}"
     # Resuming a finished run (killed after its last checkpoint, before metrics.json) repeats its metrics.
     assert strip_timing(metrics([*cfg, "resume=true"], tmp_path / "full")) == strip_timing(full)
 
 
-def test_ashem_resume_refuses_a_changed_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ashem_resume_refuses_a_changed_setup(tmp_path: Path) -> None:
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
     for out, kill in ((phase1, 1), (phase2, 5)):
-        interrupt_after(monkeypatch, kill)
         with pytest.raises(Interrupted):
-            run(compose(ASHEM), out)
-    monkeypatch.undo()
+            run(compose([*ASHEM, *interrupt_after(kill)]), out)
     cases = [
         (phase1, [*ASHEM, "model.dim=32"], r"^checkpoint: .*checkpoint\.pt has dim=16, the configured model has 32$"),
         (phase2, [*ASHEM, "model.dim=32"], r"^checkpoint: .*checkpoint\.pt has dim=16, the configured model has 32$"),
@@ -143,13 +125,13 @@ def test_token_routed_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
     full = metrics(TOKEN_ROUTED, tmp_path / "full")
     assert full["epochs_run"] == 4 and full["history"][-1]["improved"] is False  # stopped early
     out = tmp_path / "killed"
-    proc = train_py(*TOKEN_ROUTED, f"hydra.run.dir={out}", env={"EASE_TEST_KILL_AFTER_EPOCH": "2"})
+    proc = train_py(*TOKEN_ROUTED, *kill_after(2), f"hydra.run.dir={out}")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     state = train_state(out)
     assert (state["strategy"], state["epoch"], state["completed"]) == ("token_routed", 2, False)
     routes = [{k: v for k, v in r.items() if k != "epoch"} for r in full["strategy"]["routes"]]
-    assert state["route_history"] == routes[:2]
+    assert [row["route"] for row in state["early_stopping"]["history"]] == routes[:2]
     resumed = metrics([*TOKEN_ROUTED, "resume=true"], out)
     assert strip_timing(resumed) == strip_timing(full)
     model, ckpt = load_checkpoint(out / "checkpoint.pt")
@@ -160,16 +142,12 @@ def test_token_routed_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
     assert (scored["ppl"], scored["shallow_ratio"]) == (full["ppl"], full["shallow_ratio"])
 
 
-def test_token_routed_resume_after_any_epoch_matches_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_token_routed_resume_after_any_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = metrics(TOKEN_ROUTED, tmp_path / "full")
     for kill in range(1, full["epochs_run"] + 1):
         out = tmp_path / f"killed_{kill}"
-        interrupt_after(monkeypatch, kill)
         with pytest.raises(Interrupted):
-            run(compose(TOKEN_ROUTED), out)
-        monkeypatch.undo()
+            run(compose([*TOKEN_ROUTED, *interrupt_after(kill)]), out)
         resumed = metrics([*TOKEN_ROUTED, "resume=true"], out)
         assert strip_timing(resumed) == strip_timing(full), f"killed after epoch {kill}"
         assert [r["epoch"] for r in resumed["strategy"]["routes"]] == [1, 2, 3, 4]

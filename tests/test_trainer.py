@@ -189,7 +189,7 @@ def test_train_epoch_loss_is_token_weighted():
     expected = (l_small * 4 + l_big * 64) / 68
     assert result.loss == pytest.approx(expected, rel=1e-5)
     assert abs(expected - (l_small + l_big) / 2) > 1e-3  # the plain mean would differ
-    assert trainer.last_epoch_tokens == 68
+    assert result.tokens == 68
 
 
 def test_training_reduces_loss_on_a_fixed_batch():

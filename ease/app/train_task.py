@@ -123,7 +123,6 @@ def final_metrics(
 ) -> dict[str, Any]:
     """The standard keys of a training run: routed val metrics with the threshold curve from one pass, test
     metrics, and the training summary from `train_with_early_stopping`'s `result`."""
-    import time
 
     t0 = time.perf_counter()
     metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
@@ -385,7 +384,10 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
     if test is not None:
         metrics["strategy"]["final"]["test"] = headline(test)
     out.save(
-        r.model, r.state, metrics=headline(metrics), strategy={"name": "ashem", "exit_layer": k, "threshold": r.threshold}
+        r.model,
+        r.state,
+        metrics=headline(metrics),
+        strategy={"name": "ashem", "exit_layer": k, "threshold": r.threshold},
     )
     return metrics
 

@@ -1,9 +1,9 @@
 """Inference: KV-cached early-exit decoding, generation, and routed evaluation that really skips compute.
 
-    decoder.py      EarlyExitDecoder: the reference decoder over the backbone protocol (any backbone)
-    fused.py        FusedDecoder: the native model's fast path, tested equal to the reference
-    generation.py   generate(): prompts to text with early exit, timed against full depth
-    routed_eval.py  skip_routed_forward / evaluate_routed: full-sequence routing that skips layers
+decoder.py      EarlyExitDecoder: the reference decoder over the backbone protocol (any backbone)
+fused.py        FusedDecoder: the native model's fast path, tested equal to the reference
+generation.py   generate(): prompts to text with early exit, timed against full depth
+routed_eval.py  skip_routed_forward / evaluate_routed: full-sequence routing that skips layers
 """
 
 from ease.inference.decoder import KV_MODES, EarlyExitDecoder, StepOutput

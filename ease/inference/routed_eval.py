@@ -121,7 +121,9 @@ def skip_routed_forward(
     return out
 
 
-def _run_layer(model: Backbone, i: int, h: torch.Tensor, running: torch.Tensor, kv_mode: str, out: SkipOutput) -> torch.Tensor:
+def _run_layer(
+    model: Backbone, i: int, h: torch.Tensor, running: torch.Tensor, kv_mode: str, out: SkipOutput
+) -> torch.Tensor:
     B, T, _ = h.shape
     n_running = int(running.sum())
     if n_running == B * T:  # nobody stopped yet: the plain layer, bit for bit

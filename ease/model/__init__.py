@@ -1,9 +1,9 @@
 """The model side of EASE: the backbone protocol, the native early-exit transformer and its blocks.
 
-    backbone.py     the `Backbone` protocol everything else runs models through, and its compositions
-    transformer.py  `EarlyExitTransformer`, the native backbone (embedding, blocks, shared norm + head)
-    block.py        pre-norm block; attention.py (RoPE, KV cache), ffn.py (SwiGLU), norm.py (RMSNorm)
-    surgery.py      freezing lower layers and checking they stayed frozen (ASHEM)
+backbone.py     the `Backbone` protocol everything else runs models through, and its compositions
+transformer.py  `EarlyExitTransformer`, the native backbone (embedding, blocks, shared norm + head)
+block.py        pre-norm block; attention.py (RoPE, KV cache), ffn.py (SwiGLU), norm.py (RMSNorm)
+surgery.py      freezing lower layers and checking they stayed frozen (ASHEM)
 """
 
 from ease.model.attention import CausalSelfAttention, KVCache, RotaryEmbedding, apply_rotary

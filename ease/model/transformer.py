@@ -17,9 +17,9 @@ from torch import nn
 
 from ease.model import backbone
 from ease.model.attention import KVCache, RotaryEmbedding
+from ease.model.backbone import RoutedOutput
 from ease.model.block import TransformerBlock
 from ease.model.norm import RMSNorm
-from ease.model.backbone import RoutedOutput
 from ease.routing import normalize_routing
 
 

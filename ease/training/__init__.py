@@ -1,8 +1,8 @@
 """Training: the one loop (`fit`), the `Trainer` of weighted early-exit objectives, and resumable state.
 
-    loop.py     fit(): epochs, early stopping, best-weights restore, on_epoch_end callbacks
-    trainer.py  Trainer: losses per batch, per-layer learning rates, routed evaluation, the α schedule
-    state.py    EarlyStoppingState and the RNG / optimizer state a resume restores
+loop.py     fit(): epochs, early stopping, best-weights restore, on_epoch_end callbacks
+trainer.py  Trainer: losses per batch, per-layer learning rates, routed evaluation, the α schedule
+state.py    EarlyStoppingState and the RNG / optimizer state a resume restores
 """
 
 from ease.training.loop import EpochOutcome, Validation, fit

@@ -97,7 +97,9 @@ class Trainer:
         progress: bool = False,
     ) -> None:
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip >= 0):
-            raise ValueError(f"train.grad_clip: must be a finite number >= 0 (0 or null = no clipping), got {grad_clip}")
+            raise ValueError(
+                f"train.grad_clip: must be a finite number >= 0 (0 or null = no clipping), got {grad_clip}"
+            )
         self.config = config
         self.vocab_size = vocab_size
         self.device = torch.device(device)

@@ -16,9 +16,7 @@ from ease.model.backbone import Backbone, hidden_states
 from ease.routing import confidence_fn
 
 
-def compute_confidence(
-    model: Backbone, hidden_state: torch.Tensor, confidence: str = "max_prob"
-) -> torch.Tensor:
+def compute_confidence(model: Backbone, hidden_state: torch.Tensor, confidence: str = "max_prob") -> torch.Tensor:
     """Confidence of the shared exit on a hidden state (seed: max softmax probability). (..., C) -> (...)."""
     return confidence_fn(confidence)(model.unembed(hidden_state))
 
