@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ease.losses import uniform
 from ease.routing import CONFIDENCE_MEASURES, normalize_routing
 from ease.schedule import AlphaSchedule
@@ -154,3 +156,49 @@ def create_standard_config(num_layers: int) -> TrainingConfig:
 def create_deep_supervision_config(num_layers: int, routing_threshold: float = 0.0) -> TrainingConfig:
     """Deep supervision: 1/L on every layer, no routing unless asked."""
     return TrainingConfig(layer_weights=uniform(num_layers), exit_layer=1, routing_threshold=routing_threshold)
+
+
+LR_SCALE_KINDS = ("uniform", "decreasing", "increasing", "custom")
+
+
+@dataclass
+class LrScalesConfig:
+    """The `lr_scales` group: per-layer learning-rate scales.
+
+    Attributes:
+        kind: uniform | decreasing | increasing | custom.
+        scales: one scale per layer, shallowest first. decreasing/increasing hold seed 001's 3-layer lists and
+            are resampled (piecewise-linearly over depth) for other depths; custom must give one per layer.
+        embedding: LR scale of the embedding; None = layer 1's.
+        head: LR scale of the shared final norm + output head.
+    """
+
+    kind: str = "uniform"
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    embedding: float | None = None
+    head: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LR_SCALE_KINDS:
+            raise ValueError(f"lr_scales.kind: must be one of {', '.join(LR_SCALE_KINDS)}, got {self.kind!r}")
+        if self.kind != "uniform" and not self.scales:
+            raise ValueError("lr_scales.scales: needs at least one value")
+        for value in self.scales:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"lr_scales.scales: each must be a finite number > 0, got {value}")
+        for name in ("embedding", "head"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"lr_scales.{name}: must be a finite number > 0, got {value}")
+
+    def scales_for(self, num_layers: int) -> dict[int, float] | None:
+        """{layer: scale} for an L-layer model (None for uniform)."""
+        if self.kind == "uniform":
+            return None
+        values = [float(v) for v in self.scales]
+        if self.kind == "custom" and len(values) != num_layers:
+            raise ValueError(f"lr_scales.scales: custom needs one scale per layer ({num_layers}), got {values}")
+        # Piecewise-linear resampling over relative depth: exact for a 3-layer model and 3 values.
+        src = np.linspace(0.0, 1.0, len(values))
+        dst = np.linspace(0.0, 1.0, num_layers)
+        return {i + 1: float(v) for i, v in enumerate(np.interp(dst, src, values))}

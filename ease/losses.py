@@ -9,7 +9,7 @@ torchtune's early-exit loss scales. They are not normalised unless they say so: 
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,63 @@ def sqrt_l(num_layers: int) -> dict[int, float]:
     """Weight proportional to sqrt(depth), normalised to sum 1."""
     total = sum(math.sqrt(layer) for layer in range(1, num_layers + 1))
     return {layer: math.sqrt(layer) / total for layer in range(1, num_layers + 1)}
+
+
+LOSS_WEIGHT_KINDS = ("final_only", "uniform", "asymmetric", "shallow_deep", "with_middle", "custom")
+_ALPHA_KINDS = ("asymmetric", "shallow_deep", "with_middle")
+
+
+@dataclass
+class LossWeightsConfig:
+    """The `loss_weights` group: which scheme puts how much loss on which layer.
+
+    Attributes:
+        kind: final_only | uniform | asymmetric | shallow_deep (= asymmetric) | with_middle | custom.
+        alpha: weight of the shallow exit (asymmetric, shallow_deep, with_middle); the last layer gets 1-α.
+        middle: weight of every layer strictly between the shallow exit and the last (with_middle).
+        shallow_layer: where α goes; None = the first routing exit layer.
+        weights: custom: one weight per layer, shallowest first.
+    """
+
+    kind: str = "final_only"
+    alpha: float = 0.7
+    middle: float = 1.0
+    shallow_layer: int | None = None
+    weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_WEIGHT_KINDS:
+            raise ValueError(f"loss_weights.kind: must be one of {', '.join(LOSS_WEIGHT_KINDS)}, got {self.kind!r}")
+        if self.kind in _ALPHA_KINDS and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss_weights.alpha: must be in [0, 1], got {self.alpha}")
+        if not (math.isfinite(self.middle) and self.middle >= 0):
+            raise ValueError(f"loss_weights.middle: must be a finite number >= 0, got {self.middle}")
+        if self.shallow_layer is not None and self.shallow_layer < 1:
+            raise ValueError(f"loss_weights.shallow_layer: layers are 1-indexed (>= 1), got {self.shallow_layer}")
+
+    @property
+    def moves_alpha(self) -> bool:
+        """True for the schemes an α schedule can move."""
+        return self.kind in _ALPHA_KINDS
+
+    def layer_weights(self, num_layers: int, shallow: int) -> dict[int, float]:
+        """{layer: weight} for an L-layer model; α goes on `shallow_layer`, else on `shallow`."""
+        shallow = self.shallow_layer or shallow
+        if self.kind in _ALPHA_KINDS and not 1 <= shallow < num_layers:
+            raise ValueError(f"loss_weights.shallow_layer: must be in 1..{num_layers - 1}, got {shallow}")
+        if self.kind == "final_only":
+            return final_only(num_layers)
+        if self.kind == "uniform":
+            return uniform(num_layers)
+        if self.kind in ("asymmetric", "shallow_deep"):
+            return asymmetric(num_layers, self.alpha, shallow)
+        if self.kind == "with_middle":
+            return asymmetric(num_layers, self.alpha, shallow, middle=self.middle)
+        if len(self.weights) != num_layers:
+            raise ValueError(
+                f"loss_weights.weights: custom needs one weight per layer ({num_layers}), got {list(self.weights)}"
+            )
+        return {i: float(v) for i, v in enumerate(self.weights, start=1)}
 
 
 # --- the weighted exit loss -------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ compute_cost = layers computed / total layers, averaged over tokens: the seeds' 
 """
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,53 @@ def route_by_confidence(
 def compute_cost(exit_at: torch.Tensor, num_layers: int) -> float:
     """Layers computed / total layers, averaged over tokens."""
     return exit_at.double().mean().item() / num_layers
+
+
+ROUTING_KINDS = ("none", "confidence")
+DEFAULT_ANALYSIS_THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+@dataclass
+class RoutingConfig:
+    """The `routing` group: where tokens exit at inference, and the threshold curve every run records.
+
+    Attributes:
+        kind: "none" (every token runs every layer) or "confidence".
+        exit_layer: the exit layer, or a list of them for a cascade.
+        threshold: confidence needed to exit, in (0, 1]; one per exit layer, or one for all.
+        confidence: max_prob | top2_margin | neg_entropy.
+        analysis_thresholds: the thresholds scored from the final evaluation pass (seed 003's table).
+    """
+
+    kind: str = "none"
+    exit_layer: Any = 1
+    threshold: Any = 0.0
+    confidence: str = "max_prob"
+    analysis_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_ANALYSIS_THRESHOLDS))
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTING_KINDS:
+            raise ValueError(f"routing.kind: must be one of {', '.join(ROUTING_KINDS)}, got {self.kind!r}")
+        if self.confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(
+                f"routing.confidence: must be one of {sorted(CONFIDENCE_MEASURES)}, got {self.confidence!r}"
+            )
+        if self.kind == "confidence" and not isinstance(self.threshold, list) and self.threshold == 0:
+            raise ValueError(
+                "routing.threshold: must be in (0, 1] with routing=confidence (use routing=none for no exit)"
+            )
+        try:
+            normalize_routing(*self.settings())
+        except ValueError as err:
+            message = str(err)
+            for name, key in (("routing_threshold", "routing.threshold"), ("exit_layer", "routing.exit_layer")):
+                if message.startswith(name + ":"):
+                    message = key + message[len(name) :]
+            raise ValueError(message) from None
+        for t in self.analysis_thresholds:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"routing.analysis_thresholds: each must be in [0, 1], got {t}")
+
+    def settings(self) -> tuple[Any, Any]:
+        """(exit_layer, threshold) as the library takes them; routing=none gives threshold 0."""
+        return self.exit_layer, self.threshold if self.kind == "confidence" else 0.0

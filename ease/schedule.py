@@ -55,6 +55,29 @@ class AlphaSchedule:
         return self.kind == "constant" or self.start == self.end
 
 
+@dataclass
+class ScheduleConfig:
+    """The `schedule` group: how α moves; `start` None = loss_weights.alpha."""
+
+    kind: str = "constant"
+    start: float | None = None
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule.kind: must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"schedule.{name}: must be in [0, 1], got {value}")
+
+    def schedule(self, alpha: float) -> AlphaSchedule | None:
+        """The AlphaSchedule starting at `start` (or `alpha`); None for a constant α."""
+        if self.kind == "constant":
+            return None
+        return AlphaSchedule(self.kind, alpha if self.start is None else self.start, self.end)
+
+
 def apply_alpha(weights: dict[int, float], alpha: float, shallow: int, last: int) -> dict[int, float]:
     """The layer weights with α on `shallow` and 1-α on `last`; other layers unchanged."""
     out = dict(weights)

@@ -35,8 +35,8 @@ CASES = [
     # out-of-range numbers
     Case("threshold above 1", ["+preset=deed", *TINY_SYN, "routing.threshold=1.5"], "routing.threshold: must be in [0, 1]"),
     Case("negative alpha", ["+preset=asymmetric", *TINY_SYN, "loss_weights.alpha=-0.2"], "loss_weights.alpha: must be in [0, 1]"),
-    Case("zero learning rate", [*TINY_SYN, "train.lr=0"], "train.lr: must be > 0"),
-    Case("zero epochs", [*TINY_SYN, "train.max_epochs=0"], "train.max_epochs: must be >= 1"),
+    Case("zero learning rate", [*TINY_SYN, "train.lr=0"], "train.lr: must be a finite number > 0, got 0"),
+    Case("zero epochs", [*TINY_SYN, "train.max_epochs=0"], "train.max_epochs: must be an int >= 1, got 0"),
     Case("vocab below 2", ["data=wikitext2", "data.vocab_size=1"], "data.vocab_size: must be an int >= 2"),
     Case("heads do not divide dim", [*TINY_SYN, "model.num_heads=3"], "model.num_heads:"),
     Case("exit beyond the model", ["+preset=deed", *TINY_SYN, "routing.exit_layer=5"], "routing.exit_layer: must be in 1..2"),
@@ -48,7 +48,7 @@ CASES = [
     Case("unknown model option", ["model=huge"], "model: unknown option 'huge'; available: ashem, small, tiny"),
     Case("unknown preset", ["+preset=nope"], "preset: unknown option 'nope'"),
     Case("unknown task", ["task=nope"], "task: unknown option 'nope'"),
-    Case("mistyped key", ["model.dimm=8"], "model.dimm: Key 'dimm' not in 'ModelSchema'"),
+    Case("mistyped key", ["model.dimm=8"], "model.dimm: Key 'dimm' not in 'ModelConfig'"),
     Case("wrong type", ["model.dim=abc"], "model.dim: Value 'abc' of type 'str' could not be converted to Integer"),
     Case("unknown objective", [*TINY_SYN, "objective=[speed]"], "objective: must be one of"),
     # data

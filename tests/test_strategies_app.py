@@ -21,11 +21,7 @@ STANDARD_KEYS = (
 
 def synthetic_val(record: dict):
     """The val batches a synthetic run used, rebuilt from its recorded config."""
-    d = record["config"]["data"]
-    fields = {k: v for k, v in d.items() if k != "fallback_splits"}
-    cfg = DataConfig(
-        **fields, fallback_splits=tuple(d["fallback_splits"]), batch_size=record["config"]["train"]["batch_size"]
-    )
+    cfg = DataConfig(**record["config"]["data"])
     return build_data(cfg, seed=record["config"]["seed"]).val
 
 
@@ -126,9 +122,19 @@ def test_presets_validate_and_tie_depth_and_exit_to_the_phases() -> None:
     cfg = compose(["+preset=ashem", "strategy.phase1_layers=3", "strategy.phase2_layers=6"])
     validate(cfg)
     assert cfg.model.num_layers == 6 and cfg.routing.exit_layer == 3
-    validate(compose(["+preset=token_routed"]))
 
 
+def test_bad_ratio_fails_before_reading_data(tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    # data.data_dir points nowhere: if the data were read first, the error would be about the data.
+    cfg = compose(["+preset=ashem", "strategy.hard_example_ratio=1.5", f"data.data_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match=r"^strategy\.hard_example_ratio: must be in \(0, 1\), got 1\.5$"):
+        run(cfg, out)
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["status"] == "failed" and not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow  # in-process above; the one-line error of a subprocess: tests/test_bad_inputs.py
 def test_train_py_bad_ratio_exits_with_one_line_before_reading_data(tmp_path: Path) -> None:
     out = tmp_path / "bad"
     # data.data_dir points nowhere: if the data were read first, the error would be about the data.

@@ -48,7 +48,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         try:
             model.set_routing(exit_layer, threshold)
         except ValueError as err:
-            raise build._hydra_key_error(err) from None
+            raise build.hydra_key_error(err) from None
         model.confidence = cfg.routing.confidence
         routing_source = "config"
     else:

@@ -1,10 +1,13 @@
-"""Structured-config schemas for the Hydra app, registered in Hydra's ConfigStore.
+"""The Hydra app's config: the library's own config classes, one per group, registered in the ConfigStore.
 
-They type every group the code reads, so a mistyped key or a wrong type fails when Hydra composes the
-config, before anything runs. Range checks live in the library's own dataclasses (TrainingConfig,
-DataConfig, ASHEMConfig), which `ease.app.build` constructs from these at the edge.
+Every group is the library dataclass that owns it (`ModelConfig`, `DataConfig`, `LossWeightsConfig`,
+`LrScalesConfig`, `RoutingConfig`, `ScheduleConfig`, `StrategyConfig`, `TrainConfig`), plus the app's own
+`TaskConfig`. Hydra types every key from them, so a mistyped key or a wrong type fails at composition;
+`ease.app.build` turns each group into its object with `OmegaConf.to_object`, whose `__post_init__` checks
+the values and names the key of a bad one, before any data is read or training starts.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,108 +15,38 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from ease.config import LrScalesConfig
+from ease.data import DataConfig
+from ease.inference.decoder import KV_MODES
+from ease.inference.generation import DECODERS
+from ease.losses import LossWeightsConfig
+from ease.model.config import ModelConfig
+from ease.routing import RoutingConfig
+from ease.schedule import ScheduleConfig
+from ease.strategies import StrategyConfig
+from ease.training.config import TrainConfig
 
-@dataclass
-class ModelSchema:
-    num_layers: int = 3
-    dim: int = 64
-    num_heads: int = 4
-    hidden_dim: int | None = None  # SwiGLU width; None = 2/3 of 4*dim, rounded up to 16
-    dropout: float = 0.0
-    tie_weights: bool = False
-
-
-@dataclass
-class DataSchema:
-    name: str = "wikitext2"  # wikitext2 | synthetic
-    data_dir: str | None = None  # None: $EASE_DATA_DIR, then ./data/wikitext-2, ~/.cache/ease/wikitext-2
-    split: str = "train"
-    fallback_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
-    max_chars: int | None = 200_000
-    tokenizer: str = "word"  # word | char | bpe
-    vocab_size: int = 1000
-    seq_len: int = 64
-    val_fraction: float = 0.1
-    shuffle: bool = True
-    drop_last: bool = False
-    synthetic_tokens: int = 40_000
-    synthetic_vocab_size: int = 64
-    synthetic_deterministic_fraction: float = 0.5
+TASKS = ("train", "eval", "generate")
+SPLITS = ("val", "test")
+OBJECTIVES = ("ppl", "acc", "compute_cost", "shallow_ratio", "loss")
 
 
 @dataclass
-class LossWeightsSchema:
-    kind: str = "final_only"  # final_only | uniform | asymmetric | shallow_deep | with_middle | custom
-    alpha: float = 0.7  # weight of the shallow exit (asymmetric, shallow_deep, with_middle); last layer gets 1-α
-    middle: float = 1.0  # weight of every layer between the shallow exit and the last (with_middle)
-    shallow_layer: int | None = None  # where α goes; None = the first routing exit layer
-    # custom: one weight per layer, shallowest first (a list, so an override replaces it whole).
-    weights: list[float] = field(default_factory=list)
+class TaskConfig:
+    """The `task` group: train, or score / continue a saved checkpoint.
 
+    Attributes:
+        name: train | eval | generate.
+        split: eval: val | test.
+        checkpoint_data: eval: rebuild the data as the checkpoint was trained (its data settings and seed).
+        cache_stats: eval: keep the per-token pass beside the checkpoint, so a threshold sweep runs the model once.
+        max_new_tokens, temperature, top_k, batch_size, kv_mode, decoder: generate (`SamplingConfig`).
+    """
 
-@dataclass
-class LrScalesSchema:
-    kind: str = "uniform"  # uniform | decreasing | increasing | custom
-    # One scale per layer, shallowest first. decreasing/increasing hold seed 001's 3-layer lists and are
-    # resampled (piecewise-linearly over depth) for other depths; custom must give exactly num_layers values.
-    scales: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    embedding: float | None = None  # None: layer 1's scale
-    head: float = 1.0  # shared final norm + output head
-
-
-@dataclass
-class RoutingSchema:
-    kind: str = "none"  # none | confidence
-    exit_layer: Any = 1  # int, or a list for a cascade
-    threshold: Any = 0.0  # float, or one per exit layer
-    confidence: str = "max_prob"  # max_prob | top2_margin | neg_entropy
-    # The threshold curve every run records from its final evaluation pass (seed 003's table).
-    analysis_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
-
-
-@dataclass
-class ScheduleSchema:
-    kind: str = "constant"  # constant | linear | cosine
-    start: float | None = None  # None: loss_weights.alpha
-    end: float | None = None
-
-
-@dataclass
-class StrategySchema:
-    name: str = "standard"  # standard | ashem | token_routed
-    # ASHEM (seed 002)
-    hard_example_ratio: float = 0.5
-    phase1_layers: int = 2
-    phase1_lr: float = 1e-3
-    phase1_patience: int = 1
-    phase2_layers: int = 4
-    phase2_lr: float = 1e-4
-    phase2_patience: int = 3
-    hard_examples_from: str = "val"  # val | train: data the threshold and hard tokens come from
-    phase2_train_head: bool = False  # also train the shared norm + head in phase 2 (moves the layer-k exit)
-    # token-routed training (seed 000): each route keeps at least this share of every batch's tokens
-    min_route_fraction: float = 0.05
-
-
-@dataclass
-class TrainSchema:
-    max_epochs: int = 50
-    patience: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    monitor: str = "loss"  # validation metric for early stopping: loss | ppl | routed_loss
-
-
-@dataclass
-class TaskSchema:
-    name: str = "train"  # train | eval | generate
-    # eval: score `checkpoint` under the routing group's settings, without training
-    split: str = "val"  # val | test
-    checkpoint_data: bool = True  # rebuild the data as the checkpoint was trained (its data settings and seed)
-    cache_stats: bool = True  # keep the per-token pass beside the checkpoint: a threshold sweep runs the model once
-    # generate: continue `prompt` from `checkpoint`
+    name: str = "train"
+    split: str = "val"
+    checkpoint_data: bool = True
+    cache_stats: bool = True
     max_new_tokens: int = 50
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
@@ -121,31 +54,53 @@ class TaskSchema:
     kv_mode: str = "propagate"  # propagate (CALM state copying) | recompute
     decoder: str = "auto"  # auto (fused for the native model) | fused | reference (any backbone)
 
+    def __post_init__(self) -> None:
+        choices = (("name", TASKS), ("split", SPLITS), ("kv_mode", KV_MODES), ("decoder", DECODERS))
+        for key, allowed in choices:
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"task.{key}: must be one of {', '.join(allowed)}, got {value!r}")
+
 
 @dataclass
 class Config:
-    model: ModelSchema = field(default_factory=ModelSchema)
-    data: DataSchema = field(default_factory=DataSchema)
-    loss_weights: LossWeightsSchema = field(default_factory=LossWeightsSchema)
-    lr_scales: LrScalesSchema = field(default_factory=LrScalesSchema)
-    routing: RoutingSchema = field(default_factory=RoutingSchema)
-    schedule: ScheduleSchema = field(default_factory=ScheduleSchema)
-    strategy: StrategySchema = field(default_factory=StrategySchema)
-    task: TaskSchema = field(default_factory=TaskSchema)
-    train: TrainSchema = field(default_factory=TrainSchema)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+    lr_scales: LrScalesConfig = field(default_factory=LrScalesConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
     objective: list[str] = field(default_factory=lambda: ["ppl"])  # metric(s) returned to the sweeper
     checkpoint: str | None = None  # a checkpoint.pt to evaluate or generate from (task=eval/generate)
     prompt: str | None = None  # text to continue (task=generate)
-    compile: bool = False  # torch.compile the model where it wins (see README, Speed)
+    compile: bool = False  # torch.compile the model where it wins (see docs/speed.md)
     resume: bool = False  # continue from checkpoint.pt in hydra.run.dir
     save_checkpoint: bool = True
     progress: bool = True  # tqdm bar while training
     debug: bool = False  # show full tracebacks instead of one-line errors
     # {name: {_target_: CLASS, ...}}: objects whose on_epoch_end(epoch, history_row) runs after each epoch's checkpoint
     callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+def check_top_level(cfg: Any) -> None:
+    """The top-level keys no group owns (read from the composed config, without building the groups)."""
+    for name in cfg.objective:
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    if not cfg.objective:
+        raise ValueError(f"objective: needs at least one of {', '.join(OBJECTIVES)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {cfg.threads}")
+    if not (cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps"))):
+        raise ValueError(f"device: must be cpu, cuda[:N] or mps, got {cfg.device!r}")
+    if isinstance(cfg.seed, float) and not math.isfinite(cfg.seed):
+        raise ValueError(f"seed: must be an int, got {cfg.seed}")
 
 
 def register_configs(root: str | Path) -> None:

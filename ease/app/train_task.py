@@ -175,10 +175,7 @@ def token_routed_training_config(cfg: DictConfig) -> TrainingConfig:
 
 
 def min_route_fraction(cfg: DictConfig) -> float:
-    try:
-        return check_min_route_fraction(cfg.strategy.min_route_fraction)
-    except ValueError as err:
-        raise ValueError(f"strategy.{err}") from None
+    return check_min_route_fraction(build.group(cfg, "strategy").min_route_fraction)
 
 
 def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
@@ -244,32 +241,10 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
 
 # --- strategy=ashem --------------------------------------------------------------------------------------------
 
-# ASHEMConfig fields that are not under strategy.* in the app.
-_ASHEM_KEYS = {"confidence": "routing.confidence", "max_epochs": "train.max_epochs"}
-
 
 def ashem_config(cfg: DictConfig) -> ASHEMConfig:
-    """ASHEMConfig from strategy.*; errors name the Hydra key."""
-    s = cfg.strategy
-    try:
-        return ASHEMConfig(
-            phase1_layers=s.phase1_layers,
-            phase1_lr=s.phase1_lr,
-            phase1_patience=s.phase1_patience,
-            hard_example_ratio=s.hard_example_ratio,
-            phase2_layers=s.phase2_layers,
-            phase2_lr=s.phase2_lr,
-            phase2_patience=s.phase2_patience,
-            hard_examples_from=s.hard_examples_from,
-            phase2_train_head=s.phase2_train_head,
-            confidence=cfg.routing.confidence,
-            max_epochs=cfg.train.max_epochs,
-        )
-    except ValueError as err:
-        message = str(err)
-        name = message.split(":", 1)[0]
-        key = _ASHEM_KEYS.get(name, f"strategy.{name}")
-        raise ValueError(key + message[len(name) :].replace("phase1_layers (", "strategy.phase1_layers (")) from None
+    """ASHEMConfig from strategy.* (and routing.confidence, train.max_epochs); errors name the Hydra key."""
+    return build.group(cfg, "strategy").ashem(cfg.routing.confidence, cfg.train.max_epochs)
 
 
 def validate_ashem(cfg: DictConfig) -> None:

@@ -49,9 +49,10 @@ class TokenBatches:
     (neighbouring windows share their boundary token); ``x = window[:-1]``, ``y = window[1:]``. Tokens after
     the last full window (fewer than ``seq_len``) are unused.
 
-    With ``shuffle``, the window order is a function of ``(seed, epoch)`` only: each ``__iter__`` uses the
-    current epoch and then advances it, so successive epochs differ and a fresh object with the same seed
-    replays the same sequence; ``set_epoch(e)`` makes the next iteration use epoch ``e``.
+    With ``shuffle``, the window order is a function of ``(seed, epoch)`` only, and iterating never changes
+    state: ``set_epoch(e)`` selects epoch ``e``'s order, and every iteration until the next ``set_epoch``
+    gives that same order (a progress bar that calls ``iter()`` twice sees the same batches).
+    ``Trainer.train_epoch`` sets the epoch before each pass.
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class TokenBatches:
         return -(-self.num_windows // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use ``epoch``'s window order."""
+        """Make every following iteration use ``epoch``'s window order."""
         self.epoch = epoch
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -132,10 +133,7 @@ class TokenBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` LongTensor pairs of shape ``(batch, seq_len)``; the last may be smaller."""
-        # Advance the epoch now, not on the first next(), so iter() alone counts as starting an epoch.
-        order = self.order(self.epoch)
-        self.epoch += 1
-        return self._batches(order)
+        return self._batches(self.order(self.epoch))
 
     def _batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(len(self)):

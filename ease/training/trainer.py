@@ -23,12 +23,11 @@ from ease.losses import weighted_exit_loss
 from ease.model.backbone import Backbone
 from ease.routing import normalize_routing
 from ease.schedule import apply_alpha
+from ease.training.config import MONITORS
 from ease.training.loop import EpochCallback, EpochOutcome, Validation, fit
 from ease.training.state import EarlyStoppingState, rng_state, set_rng_state
 
 log = logging.getLogger("ease.trainer")
-
-MONITORS = ("loss", "ppl", "routed_loss")
 
 
 class NonFiniteLossError(RuntimeError):
