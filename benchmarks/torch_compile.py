@@ -4,7 +4,7 @@ Training: every TransformerBlock compiled (`block.compile()`, what `compile=true
 timed by the same worker as section (a), so eager and compiled differ only in that switch. The first
 steps' time (the compilation) is reported separately.
 
-Decoding: the decoder's per-block step (`EarlyExitDecoder._block_one`, where nearly all its time goes)
+Decoding: the decoder's per-block step (`FusedDecoder._block_one`, where nearly all its time goes)
 wrapped in `torch.compile`, default settings and dynamic=True, timed on the same generation as eager. The
 cache length changes every step, so Dynamo either recompiles per length or traces symbolic shapes; any
 error is recorded, not hidden. To give the compiler its best case, a static-shape variant of the same block
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import run_worker
 from ease import EarlyExitTransformer
-from ease.inference.fused import FusedDecoder as EarlyExitDecoder
+from ease.inference.fused import FusedDecoder
 from ease.inference.generation import intra_op_threads
 
 
@@ -56,7 +56,7 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:200]
 
 
-def _decode_tokens_per_s(decoder: EarlyExitDecoder, tokens: int) -> float:
+def _decode_tokens_per_s(decoder: FusedDecoder, tokens: int) -> float:
     token = torch.zeros(decoder.batch_size, dtype=torch.long)
     with torch.inference_mode(), intra_op_threads(1):
         start = time.perf_counter()
@@ -69,7 +69,7 @@ def run_decode_compile(model: EarlyExitTransformer, tokens: int) -> list[dict[st
     rows = []
     prompt = torch.zeros(1, 16, dtype=torch.long)
     for name, options in (("eager", None), ("compile", {}), ("compile dynamic", {"dynamic": True})):
-        decoder = EarlyExitDecoder(model, 1, 16 + 2 * tokens, routing_threshold=0.0)
+        decoder = FusedDecoder(model, 1, 16 + 2 * tokens, routing_threshold=0.0)
         decoder.prefill(prompt)
         start = time.perf_counter()
         try:
@@ -122,7 +122,7 @@ def _per_call_us(fn, calls: int = 2000) -> float:
 def run_static_block_compile(model: EarlyExitTransformer, context: int = 128) -> dict[str, Any]:
     """Microseconds per block call at batch 1: eager vs compiled, static shapes (the compiler's best case)."""
     T = 512
-    decoder = EarlyExitDecoder(model, 1, T, routing_threshold=0.0)
+    decoder = FusedDecoder(model, 1, T, routing_threshold=0.0)
     w = decoder._blocks[0]
     mask = torch.full((1, T), float("-inf"))
     mask[:, : context + 1] = 0.0

@@ -147,19 +147,23 @@ def final_metrics(
 # --- strategy=standard and strategy=token_routed: one Trainer each -------------------------------------------
 
 
+def check_fixed_weights(cfg: DictConfig, strategy: str, why: str) -> None:
+    """Strategies that choose each token's loss themselves: loss_weights stays final_only, schedule constant."""
+    if cfg.loss_weights.kind != "final_only":
+        raise ValueError(f"loss_weights.kind: {why}; leave it final_only, got {cfg.loss_weights.kind!r}")
+    if cfg.schedule.kind != "constant":
+        raise ValueError(f"schedule.kind: {strategy} has no α to schedule; use constant, got {cfg.schedule.kind!r}")
+
+
 def token_routed_training_config(cfg: DictConfig) -> TrainingConfig:
     """The TokenRoutedTrainer's config; errors name the Hydra key."""
     if cfg.routing.kind != "confidence":
         raise ValueError(
             f"routing.kind: token_routed routes tokens by confidence; use routing=confidence, got {cfg.routing.kind!r}"
         )
-    if cfg.loss_weights.kind != "final_only":
-        raise ValueError(
-            "loss_weights.kind: token_routed scores each token at its own route, so there are no weights to set; "
-            f"leave it final_only, got {cfg.loss_weights.kind!r}"
-        )
-    if cfg.schedule.kind != "constant":
-        raise ValueError(f"schedule.kind: token_routed has no α to schedule; use constant, got {cfg.schedule.kind!r}")
+    check_fixed_weights(
+        cfg, "token_routed", "token_routed scores each token at its own route, so there are no weights to set"
+    )
     base = build.training_config(cfg)  # routing, LR scales and their ranges, with Hydra key names
     if len(base.exit_layers) != 1:
         raise ValueError(f"routing.exit_layer: token_routed takes one exit layer, got {list(base.exit_layers)}")
@@ -269,13 +273,7 @@ def validate_ashem(cfg: DictConfig) -> None:
                 f"routing.exit_layer: ASHEM routes at the top of Block 1, strategy.phase1_layers={config.exit_layer}, "
                 f"got {exit_layer}"
             )
-    if cfg.loss_weights.kind != "final_only":
-        raise ValueError(
-            "loss_weights.kind: ASHEM trains each block on its last layer; leave it final_only, "
-            f"got {cfg.loss_weights.kind!r}"
-        )
-    if cfg.schedule.kind != "constant":
-        raise ValueError(f"schedule.kind: ASHEM has no α to schedule; use constant, got {cfg.schedule.kind!r}")
+    check_fixed_weights(cfg, "ASHEM", "ASHEM trains each block on its last layer")
     if cfg.lr_scales.kind != "uniform":
         raise ValueError(
             f"lr_scales.kind: ASHEM sets each phase's rate with strategy.phase1_lr/phase2_lr; use uniform, "

@@ -42,6 +42,25 @@ def check_kv_mode(kv_mode: str) -> None:
         raise ValueError(f"kv_mode: must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
 
 
+def decoder_routing(
+    model: Backbone,
+    batch_size: int,
+    max_len: int,
+    exit_layer: int | Sequence[int] | None,
+    routing_threshold: float | Sequence[float] | None,
+    kv_mode: str,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Check a decoder's settings; its routing (the model's own where None), validated for the model."""
+    check_kv_mode(kv_mode)
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if max_len < 1:
+        raise ValueError(f"max_len: must be >= 1, got {max_len}")
+    exits = model.exit_layers if exit_layer is None else exit_layer
+    thresholds = model.routing_thresholds if routing_threshold is None else routing_threshold
+    return normalize_routing(exits, thresholds, model.num_layers)
+
+
 @dataclass
 class StepOutput:
     """One decoding step: each row's logits at its exit layer, and that layer."""
@@ -79,19 +98,13 @@ class EarlyExitDecoder:
         kv_mode: str = "propagate",
         confidence: str | None = None,
     ) -> None:
-        check_kv_mode(kv_mode)
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        if max_len < 1:
-            raise ValueError(f"max_len: must be >= 1, got {max_len}")
+        routing = decoder_routing(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode)
+        self.exit_layers, self.routing_thresholds = routing
         self.model = model
         self.kv_mode = kv_mode
         self.batch_size = batch_size
         self.max_len = max_len
-        L = self.num_layers = model.num_layers
-        exits = model.exit_layers if exit_layer is None else exit_layer
-        thresholds = model.routing_thresholds if routing_threshold is None else routing_threshold
-        self.exit_layers, self.routing_thresholds = normalize_routing(exits, thresholds, L)
+        self.num_layers = model.num_layers
         # thresholds[l]: the threshold of an active exit at layer l (1-indexed), else None.
         self.thresholds: dict[int, float] = {e: t for e, t in zip(self.exit_layers, self.routing_thresholds) if t > 0}
         self.measure = confidence_fn(confidence or model.confidence)

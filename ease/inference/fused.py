@@ -23,10 +23,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ease.inference.decoder import StepOutput, check_kv_mode
+from ease.inference.decoder import StepOutput, decoder_routing
 from ease.model.attention import apply_rotary
 from ease.model.transformer import EarlyExitTransformer
-from ease.routing import confidence_fn, normalize_routing
+from ease.routing import confidence_fn
 
 
 def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,18 +56,7 @@ class _Block(NamedTuple):
 class FusedDecoder:
     """`EarlyExitDecoder` for `EarlyExitTransformer`, with folded weights and preallocated caches (module docstring).
 
-    Args:
-        model: the model (its dropout is not applied: decoding is inference).
-        batch_size: rows decoded together; every row advances one position per step.
-        max_len: positions the caches hold (prompt + generated tokens).
-        exit_layer: routing exit(s); None = the model's own.
-        routing_threshold: threshold(s); None = the model's own; 0 = no early exit (full depth).
-        kv_mode: "propagate" or "recompute" (see the module docstring).
-        confidence: confidence measure; None = the model's own.
-
-    Attributes:
-        layer_tokens: (token, layer) pairs run through a full block so far (recomputed positions count).
-        kv_tokens: (token, layer) pairs that got only a propagated K/V projection.
+    Takes `EarlyExitDecoder`'s arguments and has its attributes (`layer_tokens`, `kv_tokens`, `pos`).
     """
 
     def __init__(
@@ -80,11 +69,8 @@ class FusedDecoder:
         kv_mode: str = "propagate",
         confidence: str | None = None,
     ) -> None:
-        check_kv_mode(kv_mode)
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        if max_len < 1:
-            raise ValueError(f"max_len: must be >= 1, got {max_len}")
+        routing = decoder_routing(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode)
+        self.exit_layers, self.routing_thresholds = routing
         self.model = model
         self.kv_mode = kv_mode
         self.batch_size = batch_size
@@ -93,9 +79,6 @@ class FusedDecoder:
         C = self.dim = model.dim
         nh = self.num_heads = model.num_heads
         hd = self.head_dim = C // nh
-        exits = model.exit_layers if exit_layer is None else exit_layer
-        thresholds = model.routing_thresholds if routing_threshold is None else routing_threshold
-        self.exit_layers, self.routing_thresholds = normalize_routing(exits, thresholds, L)
         # _thresholds[i]: the threshold of an active exit after block i (0-based), else None.
         self._thresholds: list[float | None] = [None] * L
         for e, t in zip(self.exit_layers, self.routing_thresholds):
