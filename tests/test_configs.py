@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from ease.app import build
 from ease.app.runner import validate
-from ease.presets import PRESETS
+from ease.presets import PRESETS, STRATEGY_PRESETS
 
 CONF = REPO / "conf"
 
@@ -57,11 +57,17 @@ def test_every_preset_validates(name: str) -> None:
     validate(cfg)
 
 
+def test_one_preset_registry_same_names() -> None:
+    """The YAML files are the registry; PRESETS has exactly their names, less the strategy presets."""
+    assert set(PRESETS) == set(preset_files()) - set(STRATEGY_PRESETS)
+    for name in STRATEGY_PRESETS:
+        assert compose([f"+preset={name}"]).strategy.name == name
+
+
 @pytest.mark.parametrize("name", [n for n in PRESETS])
 def test_yaml_presets_match_python_presets(name: str) -> None:
     """conf/preset/NAME.yaml gives the same weights, routing and LR scales as ease.PRESETS[NAME]."""
-    yaml_name = {"asymmetric_lr_decreasing": "layer_lr_decreasing", "asymmetric_lr_increasing": "layer_lr_increasing"}
-    cfg = compose([f"+preset={yaml_name.get(name, name)}"])
+    cfg = compose([f"+preset={name}"])
     built = build.training_config(cfg)
     ref = PRESETS[name]
     assert built.weights_for(3) == pytest.approx(ref.weights_for(3))
@@ -113,3 +119,13 @@ def test_outputs_do_not_depend_on_cwd(tmp_path: Path, monkeypatch: pytest.Monkey
     cfg = compose([], hydra_config=True)
     assert cfg.hydra.run.dir.startswith(str(REPO / "outputs"))
     assert cfg.hydra.sweep.dir.startswith(str(REPO / "outputs"))
+
+
+def test_with_middle_is_one_definition() -> None:
+    """`middle` goes strictly between the shallow exit and the last layer; nothing below the shallow exit."""
+    from ease.losses import asymmetric
+
+    cfg = compose(["loss_weights=with_middle", "model.num_layers=5", "routing=confidence", "routing.exit_layer=2"])
+    weights = build.training_config(cfg).weights_for(5)
+    assert weights == {1: 0.0, 2: 0.7, 3: 1.0, 4: 1.0, 5: pytest.approx(0.3)}
+    assert weights == asymmetric(5, 0.7, shallow=2, middle=1.0)
