@@ -1,1 +1,1 @@
-"""EASE speed benchmarks: `python benchmarks/run.py [--quick]` (see run.py and README, Speed)."""
+"""EASE speed benchmarks: `python benchmarks/run.py [--quick]` (see run.py and docs/speed.md)."""

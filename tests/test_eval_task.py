@@ -1,13 +1,11 @@
 """task=eval: a saved checkpoint scored under other routing settings, without training, through train.py."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, compose
+from conftest import FAST, compose, train_py
 
 from ease.app.runner import run
 
@@ -94,17 +92,18 @@ def test_missing_checkpoint_fails_naming_the_key(tmp_path: Path) -> None:
         run(compose([*SMALL, "task=eval", f"checkpoint={tmp_path / 'nope.pt'}"]), tmp_path / "nope")
 
 
+@pytest.mark.slow  # the in-process tests above cover the cache; tests/test_sweeps.py runs a representative sweep
 def test_threshold_sweep_reuses_the_checkpoint(trained: tuple[Path, dict], tmp_path: Path) -> None:
     """`-m +sweep=threshold checkpoint=...`: K eval jobs, no training, one model pass in all."""
     run_dir, train_record = trained
     sweep = tmp_path / "sweep"
     thresholds = "0.02,0.05,0.1"
-    cmd = [sys.executable, "train.py", "-m", "+sweep=threshold", f"checkpoint={run_dir}", *SMALL]
-    cmd += [f"routing.threshold={thresholds}", "task.cache_stats=true", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "+sweep=threshold", f"checkpoint={run_dir}", *SMALL]
+    args += [f"routing.threshold={thresholds}", "task.cache_stats=true", f"hydra.sweep.dir={sweep}"]
     # Other tests may have cached passes of this checkpoint already; start from none.
     for cache in (run_dir / "eval_cache").glob("*.pt"):
         cache.unlink()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = train_py(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert len(records) == 3

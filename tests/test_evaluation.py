@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import between
+from conftest import between, peaky_model
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig, collect_token_stats, compute_cost, threshold_rows
@@ -16,11 +16,9 @@ V = 50
 METRICS = ("ppl", "acc", "shallow_ratio", "compute_cost")
 
 
-def make_model(num_layers: int = 3, seed: int = 0) -> EarlyExitTransformer:
-    torch.manual_seed(seed)
-    model = EarlyExitTransformer(V, 16, num_layers, num_heads=2).eval()
+def make_model(num_layers: int = 3) -> EarlyExitTransformer:
+    model = peaky_model(V, 16, num_layers, 2)  # peaky, varied confidences (an untrained head is near-uniform)
     with torch.no_grad():
-        model.output_head.weight.mul_(60.0)  # peaky, varied confidences (an untrained head is near-uniform)
         for block in model.layers:  # blocks that change the residual stream, so the exits disagree
             block.attn.proj.weight.mul_(10.0)
             block.ffn.w2.weight.mul_(10.0)

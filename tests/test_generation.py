@@ -1,13 +1,11 @@
 """generate(): greedy and sampled text, seeded determinism, what it reports, and `train.py task=generate`."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose
+from conftest import compose, train_py
 
 from ease import EarlyExitTransformer
 from ease.app.runner import run
@@ -163,10 +161,9 @@ def test_generate_task_needs_a_checkpoint(tmp_path: Path) -> None:
 
 def test_train_py_generate_subprocess(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "gen"
-    proc = subprocess.run(
-        [sys.executable, "train.py", "task=generate", f"checkpoint={checkpoint}", "prompt=the dog ran",
-         "task.max_new_tokens=5", f"hydra.run.dir={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+    proc = train_py(
+        "task=generate", f"checkpoint={checkpoint}", "prompt=the dog ran", "task.max_new_tokens=5",
+        f"hydra.run.dir={out}", timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().startswith("the dog ran")
@@ -178,17 +175,14 @@ def test_train_py_generate_subprocess(checkpoint: Path, tmp_path: Path) -> None:
 def test_generate_from_a_deed_training_run(tmp_path: Path) -> None:
     """The issue's 'done when': train with +preset=deed, then generate from its checkpoint."""
     train_dir, gen_dir = tmp_path / "train", tmp_path / "gen"
-    common = [sys.executable, "train.py"]
-    proc = subprocess.run(
-        [*common, "+preset=deed", "model=tiny", "data=synthetic", "train.max_epochs=1", "progress=false",
-         f"hydra.run.dir={train_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    proc = train_py(
+        "+preset=deed", "model=tiny", "data=synthetic", "train.max_epochs=1", "progress=false",
+        f"hydra.run.dir={train_dir}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = subprocess.run(
-        [*common, "task=generate", f"checkpoint={train_dir}", "prompt=t1 t2 t3", "task.max_new_tokens=8",
-         f"hydra.run.dir={gen_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    proc = train_py(
+        "task=generate", f"checkpoint={train_dir}", "prompt=t1 t2 t3", "task.max_new_tokens=8",
+        f"hydra.run.dir={gen_dir}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((gen_dir / "metrics.json").read_text())["metrics"]

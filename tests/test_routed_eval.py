@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import between, peaky_model
+from conftest import between, peaky_model, random_batches
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer, Trainer, TrainingConfig
@@ -21,12 +21,7 @@ def model() -> EarlyExitTransformer:
 
 @pytest.fixture
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(3):
-        x = torch.randint(0, V, (4, 17), generator=g)
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+    return random_batches(V, 3, 4, 16, seed=1)
 
 
 def median_threshold(model: EarlyExitTransformer, batches, layer: int, q: float = 0.5) -> float:

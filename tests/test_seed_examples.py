@@ -157,7 +157,7 @@ def test_seed_000_usage(train_batches, val_batches):
 
 
 def test_seed_000_options():
-    from ease import PRESETS, AlphaSchedule, UniversalConfig
+    from ease import PRESETS, AlphaSchedule, EarlyExitTransformer, UniversalConfig, UniversalTrainer
 
     for layer_weights in (
         {1: 0, 2: 0, 3: 1},
@@ -167,9 +167,18 @@ def test_seed_000_options():
     ):
         for routing_threshold in (0, 0.5, 0.95):
             for exit_layer in (1, 2):
-                UniversalConfig(layer_weights=layer_weights, routing_threshold=routing_threshold, exit_layer=exit_layer)
+                config = UniversalConfig(
+                    layer_weights=layer_weights, routing_threshold=routing_threshold, exit_layer=exit_layer
+                )
+                assert config.weights_for(3) == pytest.approx(layer_weights)
+                assert (config.exit_layers, config.routing_thresholds) == ((exit_layer,), (routing_threshold,))
+    model = EarlyExitTransformer(50, 16, 3, num_heads=2)
     for layer_lr_scales in ({1: 1.0, 2: 0.5, 3: 0.1}, {1: 0.1, 2: 0.5, 3: 1.0}, {1: 1.0, 2: 1.0, 3: 1.0}):
-        UniversalConfig(layer_weights={3: 1}, layer_lr_scales=layer_lr_scales)
+        config = UniversalConfig(layer_weights={3: 1}, layer_lr_scales=layer_lr_scales)
+        groups = {g["name"]: g["lr"] for g in UniversalTrainer(config).create_optimizer(model, 1e-3).param_groups}
+        assert [groups[f"layer_{i}"] for i in (1, 2, 3)] == pytest.approx(
+            [1e-3 * layer_lr_scales[i] for i in (1, 2, 3)]
+        )
 
     assert AlphaSchedule("constant", start=0.7).at_epoch(3, 5) == 0.7
     assert AlphaSchedule("linear", start=0.9, end=0.5).at_epoch(4, 5) == pytest.approx(0.5)

@@ -48,6 +48,7 @@ def train_state(out: Path) -> dict:
 # --- ASHEM --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # one SIGKILL + resume stays in the default suite (test_reliability.py); every epoch in-process below
 def test_ashem_sigkill_in_each_phase_then_resume_matches_uninterrupted_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -84,18 +85,36 @@ def test_ashem_sigkill_in_each_phase_then_resume_matches_uninterrupted_run(
 # Every epoch with the seed's hard examples from val; with them from train, the epochs where the source
 # batches' order matters: phase 1's last (the cache is rebuilt after it) and phase 2's last (already stopped).
 @pytest.mark.parametrize(("source", "kills"), [("val", [1, 2, 3, 4, 5, 6]), ("train", [4, 6])])
-def test_ashem_resume_after_any_epoch_matches_uninterrupted_run(tmp_path: Path, source: str, kills: list[int]) -> None:
+def test_ashem_resume_after_any_epoch_matches_uninterrupted_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, source: str, kills: list[int]
+) -> None:
+    caplog.set_level(logging.INFO, logger="ease")
     cfg = [*ASHEM, f"strategy.hard_examples_from={source}"]
     full = metrics(cfg, tmp_path / "full")
     assert [row["phase"] for row in full["history"]] == ASHEM_PHASES
+    threshold = full["strategy"]["threshold"]
     for kill in kills:
         phase = ASHEM_PHASES[kill - 1]
         out = tmp_path / f"killed_{kill}"
         with pytest.raises(Interrupted):
             run(compose([*cfg, *interrupt_after(kill)]), out)
         state = train_state(out)
-        assert (state["phase"], state["epoch"]) == (phase, kill)
+        assert (state["strategy"], state["phase"], state["epoch"], state["completed"]) == ("ashem", phase, kill, False)
+        # The checkpoint holds the model being trained: Block 1 in phase 1, the routed 4-layer model in phase 2.
+        model, _ = load_checkpoint(out / "checkpoint.pt")
+        assert model.num_layers == (2 if phase == 1 else 4)
+        if phase == 2:
+            assert model.exit_layers == (2,) and model.routing_threshold == threshold == state["threshold"]
+            assert len(state["phase2_train"]["early_stopping"]["history"]) == kill - 4
         assert strip_timing(metrics([*cfg, "resume=true"], out)) == strip_timing(full), f"killed after epoch {kill}"
+        assert f"after epoch {kill} (ASHEM phase {phase})" in caplog.text
+    # The final checkpoint is still the routed model, and carries its finished state; task=eval scores it.
+    model, ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert model.num_layers == 4 and model.routing_threshold == threshold
+    assert ckpt["train_state"]["completed"] and ckpt["train_state"]["epoch"] == len(ASHEM_PHASES)
+    routing = ["routing=confidence", "routing.exit_layer=2", f"routing.threshold={threshold!r}"]
+    scored = metrics(["task=eval", f"checkpoint={out}", *routing], tmp_path / "eval")
+    assert (scored["ppl"], scored["shallow_ratio"]) == (full["ppl"], full["shallow_ratio"])
     # Resuming a finished run (killed after its last checkpoint, before metrics.json) repeats its metrics.
     assert strip_timing(metrics([*cfg, "resume=true"], tmp_path / "full")) == strip_timing(full)
 
@@ -121,6 +140,7 @@ def test_ashem_resume_refuses_a_changed_setup(tmp_path: Path) -> None:
 # --- token-routed -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # one SIGKILL + resume stays in the default suite (test_reliability.py); every epoch in-process below
 def test_token_routed_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = metrics(TOKEN_ROUTED, tmp_path / "full")
     assert full["epochs_run"] == 4 and full["history"][-1]["improved"] is False  # stopped early
@@ -144,13 +164,25 @@ def test_token_routed_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Pa
 
 def test_token_routed_resume_after_any_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
     full = metrics(TOKEN_ROUTED, tmp_path / "full")
+    assert full["epochs_run"] == 4 and full["history"][-1]["improved"] is False  # stopped early
+    routes = [{k: v for k, v in r.items() if k != "epoch"} for r in full["strategy"]["routes"]]
     for kill in range(1, full["epochs_run"] + 1):
         out = tmp_path / f"killed_{kill}"
         with pytest.raises(Interrupted):
             run(compose([*TOKEN_ROUTED, *interrupt_after(kill)]), out)
+        state = train_state(out)
+        assert (state["strategy"], state["epoch"], state["completed"]) == ("token_routed", kill, False)
+        assert [row["route"] for row in state["early_stopping"]["history"]] == routes[:kill]
         resumed = metrics([*TOKEN_ROUTED, "resume=true"], out)
         assert strip_timing(resumed) == strip_timing(full), f"killed after epoch {kill}"
         assert [r["epoch"] for r in resumed["strategy"]["routes"]] == [1, 2, 3, 4]
+    # The resumed run's checkpoint is the routed model with its finished state; task=eval scores it.
+    model, ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert model.exit_layers == (1,) and model.routing_thresholds == (0.7,)
+    assert ckpt["train_state"]["completed"]
+    routing = ["routing=confidence", "routing.exit_layer=1", "routing.threshold=0.7"]
+    scored = metrics(["task=eval", f"checkpoint={out}", *routing], tmp_path / "eval")
+    assert (scored["ppl"], scored["shallow_ratio"]) == (full["ppl"], full["shallow_ratio"])
     assert strip_timing(metrics([*TOKEN_ROUTED, "resume=true"], tmp_path / "full")) == strip_timing(full)
     # A token-routed run does not resume from another strategy's checkpoint.
     with pytest.raises(ValueError, match=r"^resume: .* was saved by a strategy=token_routed run, this run is "):

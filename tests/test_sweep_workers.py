@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import FAST, REPO
 from optuna.trial import TrialState
 from pg_server import pg_bin_dir, postgres_server
 
@@ -26,8 +26,7 @@ N_WORKERS, TRIALS_EACH = 2, 3
 
 def start_worker(storage: str, study: str, sweep_dir: Path, worker: int) -> subprocess.Popen:
     args = [
-        sys.executable, str(REPO / "train.py"), "-m", "+sweep=alpha_optuna",
-        "model=tiny", "data=synthetic", "data.synthetic_tokens=6000", "train.max_epochs=1", "progress=false",
+        sys.executable, str(REPO / "train.py"), "-m", "+sweep=alpha_optuna", *FAST,
         "threads=1", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}",
         f"hydra.sweeper.n_trials={TRIALS_EACH}", f"hydra.sweep.dir={sweep_dir}",
         # A shared study: only trials older than any real trial count as left behind by a killed sweep.
@@ -58,6 +57,7 @@ def run_workers_and_check(storage: str, tmp_path: Path) -> None:
     assert len({alpha for alpha, _ in by_trial}) == len(trials)  # no point was run twice
 
 
+@pytest.mark.slow  # the same workers and checks as the PostgreSQL test below, which the default suite keeps
 def test_two_workers_share_a_sqlite_study(tmp_path: Path) -> None:
     run_workers_and_check(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
 
@@ -92,6 +92,9 @@ def ok_records(sweep_dir: Path) -> list[Path]:
     return out
 
 
+# Polls for the moment to kill. The default suite keeps a left-RUNNING trial failed and a resumed sweep reseeded
+# (test_sweeps.py) and SIGKILL then resume=true of a run (test_reliability.py).
+@pytest.mark.slow
 def test_kill_9_of_the_sweep_controller_then_resume(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     first, second = tmp_path / "first", tmp_path / "second"

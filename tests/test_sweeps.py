@@ -2,13 +2,12 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from conftest import FAST, REPO, compose
+from conftest import FAST, REPO, compose, train_py
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -21,8 +20,7 @@ TINY = [*FAST, "data.synthetic_tokens=2000", "data.seq_len=16", "save_checkpoint
 
 
 def sweep(name: str, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", "-m", f"+sweep={name}", *TINY, f"hydra.sweep.dir={sweep_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = train_py("-m", f"+sweep={name}", *TINY, f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batches
 from torch.testing import assert_close
 
 from ease import EarlyExitTransformer
@@ -20,8 +21,7 @@ def make_model(num_layers: int = 3, seed: int = 0, **kwargs) -> TokenRoutedTrans
 
 
 def batch(seed: int = 0, b: int = 4, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(0, V, (b, t + 1), generator=torch.Generator().manual_seed(seed))
-    return x[:, :-1], x[:, 1:]
+    return random_batches(V, 1, b, t, seed)[0]
 
 
 def sharpen(model: EarlyExitTransformer, scale: float = 30.0) -> None:

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batches
 from torch.testing import assert_close
 
 from ease import (
@@ -30,13 +31,8 @@ def make_model(num_layers: int = 3, dim: int = 16, seed: int = 0, **kwargs) -> E
     return EarlyExitTransformer(V, dim, num_layers, num_heads=2, **kwargs)
 
 
-def make_batches(n: int = 3, batch: int = 4, seq: int = 12, seed: int = 0, vocab: int = V) -> list:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+def make_batches(n: int = 3, batch: int = 4, seq: int = 12, seed: int = 0) -> list:
+    return random_batches(V, n, batch, seq, seed)
 
 
 def manual_loss(model: EarlyExitTransformer, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]):

@@ -1,6 +1,6 @@
 """Text generation with real early exit: greedy or sampled, timed against full depth with the same cache code.
 
-    from ease.generation import generate
+    from ease.inference import generate
 
     result = generate(model, tokenizer, "The game", max_new_tokens=50, temperature=0.8, top_k=40, seed=0)
     result.text, result.exit_layers, result.tokens_per_s, result.speedup
