@@ -11,7 +11,6 @@ from ease import (
     StageConfig,
     Trainer,
     TrainingConfig,
-    UniversalConfig,
     create_deep_supervision_config,
     create_standard_config,
     normalize_routing,
@@ -181,7 +180,6 @@ def test_weights_for_fills_missing_layers_with_zero():
     assert config.exit_layers == (1,)
     assert config.routing_thresholds == (0.95,)  # seed 000 default
     assert config.routing_enabled
-    assert UniversalConfig is TrainingConfig
 
 
 def test_layer_map_keys_are_coerced():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -30,23 +29,13 @@ from ease.data import (
 from ease.data import wikitext as wikitext_module
 from ease.data.wikitext import truncate_at_whitespace
 
-WIKITEXT_DIR = Path(
-    os.environ.get("EASE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-)
 SAMPLE = "The cat sat .\n = = Heading = = \n\n Das Wörtchen ist schön , 東京 <unk> !\n"
 
 
-def _require_valid_split() -> Path:
-    path = WIKITEXT_DIR / "wiki.valid.tokens"
-    if not path.is_file():
-        pytest.skip(f"WikiText-2 not found at {WIKITEXT_DIR}: set EASE_DATA_DIR")
-    return path
-
-
 @pytest.fixture
-def valid_only_dir(tmp_path: Path) -> Path:
+def valid_only_dir(tmp_path: Path, wikitext_dir: Path) -> Path:
     """A folder that holds only the real valid split (linked, not copied), so the train file is surely absent."""
-    (tmp_path / "wiki.valid.tokens").symlink_to(_require_valid_split())
+    (tmp_path / "wiki.valid.tokens").symlink_to(wikitext_dir / "wiki.valid.tokens")
     return tmp_path
 
 
