@@ -74,12 +74,6 @@ def architecture(model: EarlyExitTransformer, **overrides: Any) -> dict[str, Any
     return {key: overrides.get(key, args[key]) for key in ARCHITECTURE_KEYS}
 
 
-def load_weights_into(model: EarlyExitTransformer, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Load a checkpoint's weights into an already built model, with a one-line error on a size mismatch."""
-    check_architecture(ckpt, path, architecture(model))
-    model.load_state_dict(ckpt["model"])
-
-
 def load_for_resume(path: Path, strategy: str, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The checkpoint in a run folder that `resume=true` carries on from; None means start afresh.
 
