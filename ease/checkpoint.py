@@ -11,11 +11,13 @@ from typing import Any
 import torch
 
 from ease.io import atomic_save
+from ease.model.backbone import Backbone
 from ease.model.transformer import EarlyExitTransformer
 
 log = logging.getLogger("ease")
 
 ARCHITECTURE_KEYS = ("vocab_size", "dim", "num_layers", "num_heads", "hidden_dim")
+HF_KEYS = ("backbone", "model_type")  # a Hugging Face backbone's config_dict also has these
 
 
 def resolve_checkpoint_path(value: str | None, task: str) -> Path:
@@ -32,7 +34,7 @@ def resolve_checkpoint_path(value: str | None, task: str) -> Path:
     return path.resolve()
 
 
-def save_checkpoint(path: str | Path, model: EarlyExitTransformer, tokenizer: dict | None = None, **extra: Any) -> None:
+def save_checkpoint(path: str | Path, model: Backbone, tokenizer: dict | None = None, **extra: Any) -> None:
     """Model weights + constructor arguments + the tokenizer's dict + anything else (e.g. the config)."""
     atomic_save({"model_args": model.config_dict(), "model": model.state_dict(), "tokenizer": tokenizer, **extra}, path)
 
@@ -52,12 +54,21 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return ckpt
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[EarlyExitTransformer, dict]:
+def model_from_args(args: dict[str, Any]) -> Backbone:
+    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one), weights not loaded."""
+    if args.get("backbone") == "hf":
+        from ease.hf import from_config_dict
+
+        return from_config_dict(args)
+    return EarlyExitTransformer(**args)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Backbone, dict]:
     """Rebuild the model from a checkpoint; returns (model, the whole checkpoint dict)."""
     ckpt = read_checkpoint(path, map_location)
-    model = EarlyExitTransformer(**ckpt["model_args"])
+    model = model_from_args(ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
-    return model, ckpt
+    return model.to(map_location), ckpt
 
 
 def check_architecture(ckpt: dict[str, Any], path: str | Path, expected: dict[str, Any]) -> None:
@@ -68,10 +79,11 @@ def check_architecture(ckpt: dict[str, Any], path: str | Path, expected: dict[st
             raise ValueError(f"checkpoint: {path} has {key}={theirs.get(key)}, the configured model has {value}")
 
 
-def architecture(model: EarlyExitTransformer, **overrides: Any) -> dict[str, Any]:
+def architecture(model: Backbone, **overrides: Any) -> dict[str, Any]:
     """The architecture keys of `model`'s constructor arguments, with `overrides` (e.g. another depth)."""
     args = model.config_dict()
-    return {key: overrides.get(key, args[key]) for key in ARCHITECTURE_KEYS}
+    keys = (*ARCHITECTURE_KEYS, *HF_KEYS) if args.get("backbone") == "hf" else ARCHITECTURE_KEYS
+    return {key: overrides.get(key, args[key]) for key in keys}
 
 
 def load_for_resume(path: Path, strategy: str, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

@@ -16,6 +16,8 @@ torch.set_num_threads(1)
 # CI clones the repo with shared/ beside it; EASE_DATA_DIR (set by .ci/run) wins when present.
 os.environ.setdefault("EASE_DATA_DIR", str(REPO.parent / "shared" / "data" / "wikitext-2"))
 WIKITEXT_DIR = Path(os.environ["EASE_DATA_DIR"])
+# No model hub is reachable: transformers must load local folders only (tests save models with save_pretrained).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 TIMING_KEYS = {"train_time_s", "tokens_per_s", "eval_time_s"}

@@ -38,8 +38,8 @@ class ProtocolOnly(nn.Module):
     routing_thresholds = property(lambda self: self.inner.routing_thresholds)
     confidence = property(lambda self: self.inner.confidence)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed(ids)
+    def embed(self, ids: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        return self.inner.embed(ids, pos)
 
     def layer(self, i: int, h: torch.Tensor, pos: int = 0, cache=None, active: torch.Tensor | None = None):
         out = self.inner.layer(i, h, pos, cache)  # every token; the cache gets every token's K/V from h
@@ -59,6 +59,9 @@ class ProtocolOnly(nn.Module):
 
     def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
         self.inner.set_routing(exit_layer, routing_threshold)
+
+    def config_dict(self) -> dict:
+        return self.inner.config_dict()
 
 
 def native(layers: int = 3, seed: int = 0, **kwargs) -> EarlyExitTransformer:

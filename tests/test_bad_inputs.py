@@ -45,7 +45,7 @@ CASES = [
     Case("custom weights of wrong length", [*TINY_SYN, "loss_weights=custom", "loss_weights.weights=[1,0]"], "loss_weights.weights: custom needs one weight per layer"),
     Case("all-zero weights", [*TINY_SYN, "loss_weights=custom", "loss_weights.weights=[0,0,0]"], "loss_weights: at least one weight must be > 0"),
     # unknown options, keys and types
-    Case("unknown model option", ["model=huge"], "model: unknown option 'huge'; available: ashem, small, tiny"),
+    Case("unknown model option", ["model=huge"], "model: unknown option 'huge'; available: ashem, hf, hf_tiny_gpt2, hf_tiny_llama, hf_tiny_mistral, hf_tiny_qwen2, small, tiny"),
     Case("unknown preset", ["+preset=nope"], "preset: unknown option 'nope'"),
     Case("unknown task", ["task=nope"], "task: unknown option 'nope'"),
     Case("mistyped key", ["model.dimm=8"], "model.dimm: Key 'dimm' not in 'ModelConfig'"),

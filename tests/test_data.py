@@ -328,5 +328,5 @@ def test_seq_len_longer_than_val_split(tmp_path: Path) -> None:
 
 
 def test_unknown_tokenizer_kind() -> None:
-    with pytest.raises(ValueError, match=r"^data\.tokenizer: must be one of word, char, bpe, got 'sp'$"):
+    with pytest.raises(ValueError, match=r"^data\.tokenizer: must be one of word, char, bpe, hf, got 'sp'$"):
         build_tokenizer("sp", 100, "a b c")

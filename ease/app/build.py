@@ -5,6 +5,7 @@ validates it and names the key of a bad value; the checks that span groups (a la
 ASHEM's depth) run here or in `ease.app.train_task`. All of it runs before any data is read.
 """
 
+import dataclasses
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +14,7 @@ from ease.app.schema import check_top_level
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
+from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import RoutingConfig
@@ -70,9 +72,19 @@ def hydra_key_error(err: ValueError) -> ValueError:
     return err
 
 
+def model_depth(cfg: DictConfig) -> int:
+    """The model's depth L: model.num_layers, or for a pretrained HF model left at null its own (config.json)."""
+    m = group(cfg, "model")
+    if m.num_layers is not None:
+        return m.num_layers
+    from ease.hf import load_config
+
+    return int(load_config(m.name_or_path).num_hidden_layers)
+
+
 def training_config(cfg: DictConfig, num_layers: int | None = None) -> TrainingConfig:
     """The library's TrainingConfig for this run (validated, checked against the model's depth)."""
-    num_layers = num_layers or group(cfg, "model").num_layers
+    num_layers = num_layers or model_depth(cfg)
     routing = group(cfg, "routing")
     loss_weights = group(cfg, "loss_weights")
     lr_scales = group(cfg, "lr_scales")
@@ -102,15 +114,25 @@ def training_config(cfg: DictConfig, num_layers: int | None = None) -> TrainingC
 
 
 def data_config(cfg: DictConfig) -> DataConfig:
-    return group(cfg, "data")
+    """The `data` group; `data.tokenizer=hf` with no tokenizer_path takes the model's own (model.name_or_path)."""
+    data = group(cfg, "data")
+    if data.tokenizer == "hf" and data.tokenizer_path is None:
+        m = group(cfg, "model")
+        if m.backbone == "hf" and m.name_or_path is not None:
+            data = dataclasses.replace(data, tokenizer_path=m.name_or_path)
+    return data
 
 
 def model(
     cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
-) -> EarlyExitTransformer:
-    """The native model of the `model` group, sized to the data; `num_layers` / `routing` override the config."""
+) -> Backbone:
+    """The backbone of the `model` group, sized to the data; `num_layers` / `routing` override the config."""
     m = group(cfg, "model")
     exit_layer, threshold = routing or routing_settings(cfg)
+    if m.backbone == "hf":
+        from ease.hf import from_model_config
+
+        return from_model_config(m, vocab_size, num_layers, exit_layer, threshold, cfg.routing.confidence)
     return EarlyExitTransformer(
         vocab_size=vocab_size,
         dim=m.dim,

@@ -122,8 +122,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     data_cfg = build.data_config(source)
     data_seed = int(source.seed)
     data = build_data(data_cfg, seed=data_seed, tokenizer=tokenizer_from_dict(ckpt["tokenizer"]))
-    if data.vocab_size != model.vocab_size:
-        raise ValueError(f"checkpoint: model vocab {model.vocab_size} does not match its tokenizer's {data.vocab_size}")
+    if data.vocab_size > model.vocab_size:  # a pretrained embedding may have more rows than its tokenizer ids
+        raise ValueError(f"checkpoint: model vocab {model.vocab_size} does not fit its tokenizer's {data.vocab_size}")
     config = eval_training_config(cfg, trained, model.num_layers)
     stat = path.stat()
     fingerprint = {

@@ -32,9 +32,11 @@ from ease.app import build
 from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
 from ease.config import TrainingConfig
 from ease.data import DataBundle, build_data
+from ease.hf.backbone import HFBackbone
+from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
-from ease.model.transformer import EarlyExitTransformer
-from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, run_ashem
+from ease.model.backbone import Backbone
+from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
 from ease.training import EarlyStoppingState, Trainer
 
@@ -42,6 +44,7 @@ log = logging.getLogger("ease")
 
 HEADLINE = ("ppl", "acc", "shallow_ratio", "compute_cost")
 CHECKPOINT_FILE = "checkpoint.pt"
+HF_DIR = "hf"  # beside checkpoint.pt: an HF backbone in save_pretrained format
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -64,14 +67,22 @@ class RunOutput:
         self.enabled = bool(cfg.save_checkpoint)
         self.path = output_dir / CHECKPOINT_FILE
         self.tokenizer = data.tokenizer.to_dict()
+        self.hf_tokenizer = data.tokenizer if hasattr(data.tokenizer, "save_pretrained") else None
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.callbacks = build.run_callbacks(cfg)
 
-    def save(self, model: EarlyExitTransformer, train_state: dict[str, Any], **extra: Any) -> None:
+    def save(self, model: Backbone, train_state: dict[str, Any], **extra: Any) -> None:
         if self.enabled:
             save_checkpoint(self.path, model, self.tokenizer, config=self.config, train_state=train_state, **extra)
 
-    def epoch_end(self, model: EarlyExitTransformer, train_state: dict[str, Any], epoch: int, row: dict) -> None:
+    def finish(self, model: Backbone, train_state: dict[str, Any], **extra: Any) -> None:
+        """The final checkpoint; a Hugging Face backbone also goes to hf/ in save_pretrained format."""
+        self.save(model, train_state, **extra)
+        if self.enabled and isinstance(model, HFBackbone):
+            hf_dir = save_pretrained(model, self.path.parent / HF_DIR, self.hf_tokenizer)
+            log.info("saved %s (AutoModelForCausalLM.from_pretrained or ease.hf.from_pretrained loads it)", hf_dir)
+
+    def epoch_end(self, model: Backbone, train_state: dict[str, Any], epoch: int, row: dict) -> None:
         self.save(model, train_state)
         for callback in self.callbacks:
             callback.on_epoch_end(epoch, row)
@@ -84,7 +95,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path, strategy: str) -> dict[
     return load_for_resume(output_dir / CHECKPOINT_FILE, strategy, cfg.device)
 
 
-def evaluate_test_split(trainer: Trainer, model: EarlyExitTransformer, data: DataBundle) -> dict[str, float] | None:
+def evaluate_test_split(trainer: Trainer, model: Backbone, data: DataBundle) -> dict[str, float] | None:
     """Routed metrics on the test split, when the data has one."""
     if data.test is None:
         return None
@@ -119,7 +130,7 @@ def trained_weights(trainer: Trainer, result: dict[str, Any], num_layers: int) -
 
 
 def final_metrics(
-    trainer: Trainer, model: EarlyExitTransformer, data: DataBundle, result: dict[str, Any], thresholds: list[float]
+    trainer: Trainer, model: Backbone, data: DataBundle, result: dict[str, Any], thresholds: list[float]
 ) -> dict[str, Any]:
     """The standard keys of a training run: routed val metrics with the threshold curve from one pass, test
     metrics, and the training summary from `train_with_early_stopping`'s `result`."""
@@ -168,7 +179,7 @@ def token_routed_training_config(cfg: DictConfig) -> TrainingConfig:
     if len(base.exit_layers) != 1:
         raise ValueError(f"routing.exit_layer: token_routed takes one exit layer, got {list(base.exit_layers)}")
     return token_routed_config(
-        cfg.model.num_layers,
+        build.model_depth(cfg),
         base.exit_layers[0],
         base.routing_thresholds[0],
         base.layer_lr_scales,
@@ -196,8 +207,8 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
     """strategy=standard or token_routed: weighted (or routed) training with early stopping, the final routed
     evaluation with the threshold curve, checkpoint.pt every epoch; returns the metrics."""
     strategy = cfg.strategy.name
-    trainer = make_trainer(cfg, data.vocab_size)
     model = build.model(cfg, data.vocab_size).to(cfg.device)
+    trainer = make_trainer(cfg, model.vocab_size)  # a pretrained embedding may have more rows than the data's ids
     if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
         for block in model.layers:
             block.compile()
@@ -239,7 +250,7 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
             "final": headline(metrics),
         }
         extra["strategy"] = {"name": "token_routed", "exit_layer": config.exit_layers[0]}
-    out.save(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
+    out.finish(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
     return metrics
 
 
@@ -254,7 +265,7 @@ def ashem_config(cfg: DictConfig) -> ASHEMConfig:
 def validate_ashem(cfg: DictConfig) -> None:
     """Bad ASHEM settings fail here, before any data is read."""
     config = ashem_config(cfg)
-    L = cfg.model.num_layers
+    L = build.model_depth(cfg)
     if config.phase2_layers != L:
         raise ValueError(
             f"strategy.phase2_layers: must equal model.num_layers ({L}), the final model's depth, got "
@@ -285,13 +296,19 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
     """Both phases, the routed evaluation (val, and test when there is one), checkpoint.pt; returns metrics."""
     config = ashem_config(cfg)
     k, L = config.phase1_layers, config.phase2_layers
-    phase1_model = build.model(cfg, data.vocab_size, num_layers=k, routing=(k, 0.0)).to(cfg.device)
-    log.info("ASHEM: phase 1 trains layers 1-%d, phase 2 layers %d-%d; routing at layer %d", k, k + 1, L, k)
+    if config.skip_phase1:  # a pretrained model's layers 1..k are Block 1: no phase 1, no growth
+        phase1_model = build.model(cfg, data.vocab_size, routing=(k, 0.0)).to(cfg.device)
+        log.info("ASHEM: layers 1-%d frozen as they are (phase 1 skipped), phase 2 trains %d-%d", k, k + 1, L)
+    else:
+        phase1_model = build.model(cfg, data.vocab_size, num_layers=k, routing=(k, 0.0)).to(cfg.device)
+        log.info("ASHEM: phase 1 trains layers 1-%d, phase 2 layers %d-%d; routing at layer %d", k, k + 1, L, k)
     out = RunOutput(cfg, output_dir, data)
     ckpt = resume_checkpoint(cfg, output_dir, "ashem")
     if ckpt is not None:
         state = ckpt["train_state"]
-        check_architecture(ckpt, out.path, architecture(phase1_model, num_layers=k if state["phase"] == 1 else L))
+        check_resume_mode(config, state)
+        depth = L if config.skip_phase1 or state["phase"] == 2 else k
+        check_architecture(ckpt, out.path, architecture(phase1_model, num_layers=depth))
         log.info("resumed from %s after epoch %d (ASHEM phase %d)", out.path, state["epoch"], state["phase"])
 
     def on_epoch_end(p: ASHEMProgress) -> None:
@@ -328,7 +345,7 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
         vocab_size=data.vocab_size,
     )
     phase1 = dict(p1)
-    if data.test is not None:
+    if data.test is not None and not config.skip_phase1:  # skipped: Block 1 is the final model's layers 1..k
         phase1["test"] = evaluate_test_split(Trainer(config.phase1_config(), device=cfg.device), r.phase1_model, data)
     phase2 = dict(p2)
     phase2.update(
@@ -356,7 +373,7 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
     }
     if test is not None:
         metrics["strategy"]["final"]["test"] = headline(test)
-    out.save(
+    out.finish(
         r.model,
         r.state,
         metrics=headline(metrics),

@@ -23,7 +23,7 @@ class DataBundle:
         train: Training batches (shuffled per epoch if the config says so).
         val: Validation batches, never shuffled.
         test: Test batches (WikiText-2's test file when it is not the source), else None.
-        tokenizer: The tokenizer fitted on the training text.
+        tokenizer: The tokenizer fitted on the training text (or the pretrained one, for ``tokenizer=hf``).
         vocab_size: The tokenizer's actual vocabulary size: size the model's embedding with this.
         source: Path of the text file used, or ``"synthetic"``.
         num_train_tokens: Token ids in the train part (before cutting into windows).
@@ -58,7 +58,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 
 def build_data(cfg: DataConfig, seed: int = 0, tokenizer: Tokenizer | None = None) -> DataBundle:
-    """Load or generate the corpus, fit the tokenizer on the train part only, and batch every split.
+    """Load or generate the corpus, fit the tokenizer on the train part only (or load ``hf``), and batch every split.
 
     Args:
         cfg: The data config.
@@ -82,11 +82,11 @@ def build_data(cfg: DataConfig, seed: int = 0, tokenizer: Tokenizer | None = Non
     else:
         text, path = load_wikitext_text(cfg.data_dir, cfg.split, cfg.fallback_splits, cfg.max_chars)
         train_text, val_text = split_text(text, cfg.val_fraction)
-        tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, cfg.vocab_size, train_text)
+        tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, cfg.vocab_size, train_text, path=cfg.tokenizer_path)
         train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
         source = str(path)
         test_ids = _test_ids(path, cfg.max_chars, tokenizer)
-        if tokenizer.vocab_size < cfg.vocab_size:
+        if cfg.tokenizer != "hf" and tokenizer.vocab_size < cfg.vocab_size:  # hf: its own vocab, by design
             logger.warning(
                 "%s tokenizer has %d ids, fewer than data.vocab_size=%d (the train text has fewer distinct symbols); "
                 "size the model by DataBundle.vocab_size",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from os import PathLike
 
 DATASETS = ("wikitext2", "synthetic")
-TOKENIZERS = ("word", "char", "bpe")
+TOKENIZERS = ("word", "char", "bpe", "hf")
 SPLITS = ("train", "valid", "test")
 # A byte-level BPE always holds the 256 byte symbols, so a smaller vocabulary cannot be honoured.
 MIN_BPE_VOCAB = 256
@@ -45,7 +46,8 @@ class DataConfig:
     """Where the tokens come from and how they are cut into batches.
 
     For ``name="synthetic"`` the fields ``data_dir``, ``split``, ``fallback_splits``, ``max_chars``,
-    ``tokenizer`` and ``vocab_size`` are ignored; the ``synthetic_*`` fields apply instead.
+    ``tokenizer``, ``tokenizer_path`` and ``vocab_size`` are ignored; the ``synthetic_*`` fields apply instead.
+    With ``tokenizer="hf"``, ``vocab_size`` is ignored: the pretrained tokenizer's own vocabulary is used.
     The random seed is not part of the config: it is passed to :func:`ease.data.build_data`.
     """
 
@@ -60,9 +62,13 @@ class DataConfig:
     max_chars: int | None = 200_000
     """Characters of the split file to use, cut at a whitespace; None uses the whole file."""
     tokenizer: str = "word"
-    """``"word"`` (top words + ``<unk>`` + ``<eos>``), ``"char"``, or ``"bpe"`` (byte-level, trained locally)."""
+    """``"word"`` (top words + ``<unk>`` + ``<eos>``), ``"char"``, ``"bpe"`` (byte-level, trained locally), or
+    ``"hf"`` (a pretrained Hugging Face tokenizer from ``tokenizer_path``, not fitted)."""
+    tokenizer_path: str | None = None
+    """Folder (or hub name) of a Hugging Face tokenizer for tokenizer=hf; None = the model's own
+    (model.name_or_path)."""
     vocab_size: int = 1000
-    """Upper bound on the tokenizer's vocabulary; the fitted one may be smaller on tiny text."""
+    """Upper bound on the tokenizer's vocabulary; the fitted one may be smaller on tiny text. Ignored for hf."""
     seq_len: int = 64
     """Tokens per input sequence (each window holds ``seq_len + 1`` tokens for the shifted targets)."""
     batch_size: int = 32
@@ -90,6 +96,13 @@ class DataConfig:
             _check_choice("fallback_splits", split, SPLITS)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             self.data_dir = str(self.data_dir)  # accept a Path
+        if self.tokenizer_path is not None:
+            if isinstance(self.tokenizer_path, PathLike):
+                self.tokenizer_path = str(self.tokenizer_path)  # accept a Path
+            if not isinstance(self.tokenizer_path, str) or not self.tokenizer_path.strip():
+                raise ValueError(
+                    f"data.tokenizer_path: must be a folder or hub name (str) or null, got {self.tokenizer_path!r}"
+                )
         if self.max_chars is not None:
             _check_int("max_chars", self.max_chars, 1)
         _check_int("vocab_size", self.vocab_size, 2)

@@ -1,4 +1,5 @@
-"""Tokenizers fitted on the training text: word-level, character-level, byte-level BPE, and synthetic ids.
+"""Tokenizers: fitted on the training text (word-level, character-level, byte-level BPE), synthetic ids, and
+pretrained Hugging Face tokenizers loaded from a folder or hub name (``data.tokenizer=hf``).
 
 Every tokenizer maps text to ids in ``[0, vocab_size)`` and back, and serialises to a JSON-friendly dict
 (``to_dict`` / :func:`tokenizer_from_dict`) so a checkpoint can carry it.
@@ -7,8 +8,11 @@ Every tokenizer maps text to ids in ``[0, vocab_size)`` and back, and serialises
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
 from .config import MIN_BPE_VOCAB, TOKENIZERS
@@ -17,6 +21,8 @@ UNK = "<unk>"
 EOS = "<eos>"
 # What a char-level <unk> decodes to: U+FFFD is the standard "unrepresentable character" mark.
 CHAR_UNK = "\ufffd"
+
+logger = logging.getLogger("ease.data")
 
 
 @runtime_checkable
@@ -199,11 +205,11 @@ class BPETokenizer:
     @classmethod
     def fit(cls, text: str, vocab_size: int) -> BPETokenizer:
         """Train merges on ``text`` up to ``vocab_size`` tokens (fewer if the text runs out of pairs)."""
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as Backend
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         _check_vocab_size(vocab_size, MIN_BPE_VOCAB)
-        backend = HFTokenizer(models.BPE())
+        backend = Backend(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -236,9 +242,9 @@ class BPETokenizer:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> BPETokenizer:
         """Inverse of :meth:`to_dict`."""
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as Backend
 
-        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
+        return cls(Backend.from_str(json.dumps(state["tokenizer"])))
 
 
 class SyntheticTokenizer:
@@ -279,19 +285,172 @@ class SyntheticTokenizer:
         return cls(int(state["vocab_size"]))
 
 
+HF_PATH_FIELD = "data.tokenizer_path"
+HF_NO_PATH = "data.tokenizer_path: tokenizer=hf needs data.tokenizer_path=DIR (or model=hf with model.name_or_path)"
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _looks_like_folder(path: str) -> bool:
+    """A path rather than a hub name (``name`` or ``org/name``): absolute, ./ ../ ~, a backslash, or 2+ slashes."""
+    if path in (".", "..") or path.startswith(("/", "./", "../", "~")):
+        return True
+    return "\\" in path or path.count("/") > 1
+
+
+class HFTokenizer:
+    """A pretrained Hugging Face tokenizer (``transformers.AutoTokenizer``), used as is: no fitting.
+
+    ``vocab_size`` is ``len(tokenizer)``, added tokens included. ``encode`` adds no special tokens (corpus text
+    is one stream, not one sequence per call) and ``decode`` keeps special tokens and spacing, so a round trip
+    shows exactly what the ids hold. ``to_dict`` carries the tokenizer's own files as text, so a checkpoint
+    restores it without the original folder or the hub.
+    """
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: Any, source: str | None = None) -> None:
+        """Wrap a loaded ``transformers`` tokenizer; ``source`` is the folder or hub name it came from."""
+        self.tokenizer = tokenizer
+        self.source = source
+        self._files: dict[str, str] | None = None  # cached to_dict payload (the tokenizer never changes)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> HFTokenizer:
+        """``AutoTokenizer.from_pretrained(path)`` (never remote code), for a local folder or a hub name.
+
+        Raises:
+            ValueError: No path, a folder that does not exist, or a tokenizer that cannot be loaded.
+            ImportError: ``transformers`` is not installed (names the ``hf`` extra).
+        """
+        if path is None:
+            raise ValueError(HF_NO_PATH)
+        path = str(path)
+        if not path.strip():
+            raise ValueError(f"{HF_PATH_FIELD}: must be a folder or hub name, got {path!r}")
+        local = Path(path).expanduser()
+        if local.is_file():
+            raise ValueError(f"{HF_PATH_FIELD}: {path!r} is a file; give the folder that holds the tokenizer")
+        if _looks_like_folder(path) and not local.is_dir():
+            raise ValueError(f"{HF_PATH_FIELD}: no tokenizer folder at {str(local)!r}")
+        return cls(_auto_tokenizer(str(local) if local.is_dir() else path), source=path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: ``len(tokenizer)``, added tokens included."""
+        return len(self.tokenizer)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's end-of-sequence id, or None when it defines none."""
+        eos = self.tokenizer.eos_token_id
+        return None if eos is None else int(eos)
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids, without special tokens (no BOS/EOS per call)."""
+        # verbose=False: a whole split is longer than model_max_length by design; it is cut into windows later.
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False, verbose=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text, special tokens kept and no spacing clean-up, so round trips are honest."""
+        return str(
+            self.tokenizer.decode(
+                _check_ids(ids, self.vocab_size), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def save_pretrained(self, folder: str | Path) -> tuple[str, ...]:
+        """Write the tokenizer's files into ``folder`` (e.g. beside a saved model); returns the paths written."""
+        return tuple(str(p) for p in self.tokenizer.save_pretrained(str(folder)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: ``{"kind": "hf", "files": {name: text}}`` from ``save_pretrained``.
+
+        Raises:
+            ValueError: A file ``save_pretrained`` wrote is not UTF-8 text and no ``tokenizer.json`` holds the
+                vocabulary instead (a slow, sentencepiece-only tokenizer).
+        """
+        if self._files is None:
+            self._files = self._saved_files()
+        return {"kind": self.kind, "source": self.source, "files": dict(self._files)}
+
+    def _saved_files(self) -> dict[str, str]:
+        with tempfile.TemporaryDirectory(prefix="ease-hf-tokenizer-") as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            root = Path(tmp)
+            files: dict[str, str] = {}
+            binary: list[str] = []
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                name = path.relative_to(root).as_posix()
+                try:
+                    files[name] = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    binary.append(name)
+        if binary and "tokenizer.json" not in files:
+            raise ValueError(
+                f"data.tokenizer=hf: cannot store {self.source or 'the tokenizer'} in a checkpoint: "
+                f"{', '.join(binary)} is not UTF-8 text and there is no tokenizer.json (use a fast tokenizer)"
+            )
+        if binary:
+            logger.info("hf tokenizer: not storing %s (not text; tokenizer.json holds the vocabulary)", binary)
+        return files
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> HFTokenizer:
+        """Inverse of :meth:`to_dict`: write the files to a temporary folder and load it.
+
+        Raises:
+            ValueError: The state holds no files, or a file name that would leave the folder.
+        """
+        files = state.get("files")
+        if not isinstance(files, dict) or not files:
+            raise ValueError("hf tokenizer state: 'files' must be a non-empty {name: text} dict")
+        with tempfile.TemporaryDirectory(prefix="ease-hf-tokenizer-") as tmp:
+            root = Path(tmp)
+            for name, text in files.items():
+                parts = PurePosixPath(str(name)).parts
+                if not parts or PurePosixPath(str(name)).is_absolute() or ".." in parts or not isinstance(text, str):
+                    raise ValueError(f"hf tokenizer state: bad file entry {name!r}")
+                target = root.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+            tokenizer = cls(_auto_tokenizer(tmp), source=state.get("source"))
+        tokenizer._files = {str(name): text for name, text in files.items()}
+        return tokenizer
+
+
+def _auto_tokenizer(path: str) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` with remote code refused; load errors become one-line ValueErrors."""
+    from ease.extras import require
+
+    transformers = require("transformers", "data.tokenizer=hf")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # OSError (missing/unknown), ValueError (no usable files), and friends
+        message = f"{HF_PATH_FIELD}: cannot load a Hugging Face tokenizer from {path!r}: {_one_line(err)}"
+        raise ValueError(message) from None
+
+
 _FITTABLE = {"word": WordTokenizer, "char": CharTokenizer, "bpe": BPETokenizer}
-_REGISTRY: dict[str, Any] = {**_FITTABLE, "synthetic": SyntheticTokenizer}
+_REGISTRY: dict[str, Any] = {**_FITTABLE, "synthetic": SyntheticTokenizer, "hf": HFTokenizer}
 
 
-def build_tokenizer(kind: str, vocab_size: int, text: str) -> Tokenizer:
-    """Fit a tokenizer of ``kind`` (``"word"``, ``"char"`` or ``"bpe"``) on ``text``.
+def build_tokenizer(kind: str, vocab_size: int, text: str, path: str | Path | None = None) -> Tokenizer:
+    """Fit a tokenizer of ``kind`` (``"word"``, ``"char"`` or ``"bpe"``) on ``text``, or load ``"hf"`` from ``path``.
 
-    The result's ``vocab_size`` is at most the requested one: smaller when the text has fewer distinct
-    words/characters/merges.
+    A fitted tokenizer's ``vocab_size`` is at most the requested one: smaller when the text has fewer distinct
+    words/characters/merges. For ``"hf"``, ``vocab_size`` and ``text`` are ignored: the pretrained tokenizer at
+    ``path`` (``data.tokenizer_path``: a folder or hub name) is used with its own vocabulary.
 
     Raises:
-        ValueError: Unknown kind, or a vocab_size the kind cannot honour.
+        ValueError: Unknown kind, a vocab_size the kind cannot honour, or (``"hf"``) no path or no loadable
+            tokenizer there.
     """
+    if kind == "hf":
+        return HFTokenizer.load(path)
     if kind not in _FITTABLE:
         raise ValueError(f"data.tokenizer: must be one of {', '.join(TOKENIZERS)}, got {kind!r}")
     return _FITTABLE[kind].fit(text, vocab_size)

@@ -40,8 +40,9 @@ def find_wikitext_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Locate the folder holding WikiText-2's ``wiki.*.tokens`` files.
 
     Looks in ``data_dir`` if given, else ``$EASE_DATA_DIR`` if set, else ``./data/wikitext-2`` and
-    ``~/.cache/ease/wikitext-2``. When none holds the files and the ``datasets`` package is installed,
-    downloads WikiText-2 from the Hugging Face hub into the explicit folder (or the cache folder).
+    ``~/.cache/ease/wikitext-2``. When no folder was named (neither ``data_dir`` nor the variable), none of
+    the defaults holds the files and the ``datasets`` package is installed, WikiText-2 is downloaded from the
+    Hugging Face hub into the cache folder. A named folder is never replaced by a download.
 
     Args:
         data_dir: Explicit folder; overrides the environment variable and the defaults.
@@ -56,13 +57,18 @@ def find_wikitext_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     for directory in candidates:
         if _has_wikitext(directory):
             return directory
-    if _datasets_available():  # pragma: no cover - needs network
-        target = candidates[0] if len(candidates) == 1 else candidates[-1]
-        return _download_wikitext(target)
     looked = ", ".join(str(d) for d in candidates)
+    missing = f"data.data_dir: WikiText-2 files wiki.{{train,valid,test}}.tokens not found in [{looked}]"
+    named = data_dir is not None or os.environ.get(ENV_VAR)
+    if not named and _datasets_available():
+        try:
+            return _download_wikitext(candidates[-1])
+        except Exception as err:  # no network, hub errors: one line, not a traceback
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"{missing}, and downloading them failed ({type(err).__name__}: {first})") from None
     raise ValueError(
-        f"data.data_dir: WikiText-2 files wiki.{{train,valid,test}}.tokens not found in [{looked}]; "
-        f"set {ENV_VAR} or data.data_dir to their folder, or pip install 'ease[hf]' to download them"
+        f"{missing}; set {ENV_VAR} or data.data_dir to their folder, or (pip install -e '.[hf]') leave both "
+        "unset to download them"
     )
 
 

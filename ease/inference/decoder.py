@@ -138,7 +138,7 @@ class EarlyExitDecoder:
         self._room(m)
         if any(f < self.pos for f in self.filled[1:]):
             raise ValueError("prefill: positions are pending (recompute mode); prefill only before stepping")
-        h = self.model.embed(ids)  # (B, m, C)
+        h = self.model.embed(ids, self.pos)  # (B, m, C)
         out = {} if return_layers else None
         for i in range(1, self.num_layers + 1):
             h = self.model.layer(i, h, self.pos, self.cache)
@@ -170,7 +170,7 @@ class EarlyExitDecoder:
             raise ValueError(f"step: ids must have shape ({B},), got {tuple(ids.shape)}")
         self._room(1)
         model = self.model
-        h = model.embed(ids[:, None])  # (B, 1, C)
+        h = model.embed(ids[:, None], t)  # (B, 1, C)
         running = torch.ones(B, dtype=torch.bool, device=self.device)
         logits_out: torch.Tensor | None = None
         exit_out = torch.full((B,), L, dtype=torch.long, device=self.device)

@@ -49,8 +49,11 @@ class Backbone(Protocol):
     routing_thresholds: tuple[float, ...]
     confidence: str
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> the input of layer 1, (B, T, C)."""
+    def embed(self, ids: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """Token ids (B, T) at positions pos..pos+T-1 -> the input of layer 1, (B, T, C).
+
+        `pos` matters to backbones with learned absolute positions (GPT-2); rotary ones apply it in `layer`.
+        """
         ...
 
     def layer(
@@ -88,6 +91,10 @@ class Backbone(Protocol):
 
     def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
         """Change the inference routing without touching the weights."""
+        ...
+
+    def config_dict(self) -> dict[str, Any]:
+        """Plain data that rebuilds the architecture (`ease.checkpoint.model_from_args`), stored in checkpoints."""
         ...
 
 
@@ -157,3 +164,57 @@ def routed_forward(
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class BackboneMethods:
+    """The seeds' model API, written once over the protocol for every backbone that mixes it in."""
+
+    num_layers: int
+    exit_layers: tuple[int, ...]
+    routing_thresholds: tuple[float, ...]
+
+    @property
+    def exit_layer(self) -> int:
+        """The first (shallowest) routing exit, the seeds' single `exit_layer`."""
+        return self.exit_layers[0]
+
+    @property
+    def routing_threshold(self) -> float:
+        return self.routing_thresholds[0]
+
+    def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
+        """Change the inference routing without touching the weights."""
+        self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, self.num_layers)
+
+    def hidden_states(self, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Hidden states (before the shared norm) after each requested layer; stops at the deepest one."""
+        return hidden_states(self, x, layers)  # type: ignore[arg-type]
+
+    def forward(
+        self, x: torch.Tensor, exit_layers: Iterable[int] | None = None
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """x: (B, T) token ids.
+
+        Without `exit_layers`, returns the last layer's logits (B, T, V), like any LM. With them, returns
+        {layer: logits (B, T, V)} for exactly those layers, computing no layer past the deepest one.
+        """
+        if exit_layers is None:
+            return exit_logits(self, x, [self.num_layers])[self.num_layers]  # type: ignore[arg-type]
+        return exit_logits(self, x, exit_layers)  # type: ignore[arg-type]
+
+    def forward_all_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's logits, shallowest first: [(B, T, V)] * num_layers (seed 003)."""
+        logits = self.forward(x, range(1, self.num_layers + 1))
+        return [logits[layer] for layer in range(1, self.num_layers + 1)]
+
+    def routed_forward(
+        self,
+        x: torch.Tensor,
+        exit_layer: int | Sequence[int] | None = None,
+        routing_threshold: float | Sequence[float] | None = None,
+    ) -> RoutedOutput:
+        """Confidence routing, counted mode (`routed_forward`); routing defaults to the model's."""
+        return routed_forward(self, x, exit_layer, routing_threshold)  # type: ignore[arg-type]
+
+    def num_parameters(self) -> int:
+        return num_parameters(self)  # type: ignore[arg-type]

@@ -9,21 +9,20 @@ It implements `ease.model.backbone.Backbone`; everything else in EASE uses it on
 Layers are 1-indexed everywhere in EASE: layer 1 is the first block, layer `num_layers` the last.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ease.model import backbone
 from ease.model.attention import KVCache, RotaryEmbedding
-from ease.model.backbone import RoutedOutput
+from ease.model.backbone import BackboneMethods
 from ease.model.block import TransformerBlock
 from ease.model.norm import RMSNorm
 from ease.routing import normalize_routing
 
 
-class EarlyExitTransformer(nn.Module):
+class EarlyExitTransformer(BackboneMethods, nn.Module):
     """Decoder-only Transformer whose every layer can be an exit."""
 
     def __init__(
@@ -74,8 +73,8 @@ class EarlyExitTransformer(nn.Module):
 
     # --- the backbone protocol --------------------------------------------------------------------------
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.embedding(x))  # (B, T, C)
+    def embed(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        return self.dropout(self.embedding(x))  # (B, T, C); RoPE applies the positions in `layer`
 
     def layer(
         self,
@@ -118,50 +117,7 @@ class EarlyExitTransformer(nn.Module):
         deeper.output_head.load_state_dict(self.output_head.state_dict())
         return deeper
 
-    def set_routing(self, exit_layer: int | Sequence[int], routing_threshold: float | Sequence[float]) -> None:
-        """Change the inference routing without touching the weights."""
-        self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, self.num_layers)
-
     # --- the seeds' API on top of the protocol ------------------------------------------------------------
-
-    @property
-    def exit_layer(self) -> int:
-        """The first (shallowest) routing exit, the seeds' single `exit_layer`."""
-        return self.exit_layers[0]
-
-    @property
-    def routing_threshold(self) -> float:
-        return self.routing_thresholds[0]
-
-    def hidden_states(self, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-        """Hidden states (before the shared norm) after each requested layer; stops at the deepest one."""
-        return backbone.hidden_states(self, x, layers)
-
-    def forward(
-        self, x: torch.Tensor, exit_layers: Iterable[int] | None = None
-    ) -> torch.Tensor | dict[int, torch.Tensor]:
-        """x: (B, T) token ids.
-
-        Without `exit_layers`, returns the last layer's logits (B, T, V), like any LM. With them, returns
-        {layer: logits (B, T, V)} for exactly those layers, computing no block past the deepest one.
-        """
-        if exit_layers is None:
-            return backbone.exit_logits(self, x, [self.num_layers])[self.num_layers]
-        return backbone.exit_logits(self, x, exit_layers)
-
-    def forward_all_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every layer's logits, shallowest first: [(B, T, V)] * num_layers (seed 003)."""
-        logits = self(x, range(1, self.num_layers + 1))
-        return [logits[layer] for layer in range(1, self.num_layers + 1)]
-
-    def routed_forward(
-        self,
-        x: torch.Tensor,
-        exit_layer: int | Sequence[int] | None = None,
-        routing_threshold: float | Sequence[float] | None = None,
-    ) -> RoutedOutput:
-        """Confidence routing, counted mode (`ease.model.backbone.routed_forward`); routing defaults to the model's."""
-        return backbone.routed_forward(self, x, exit_layer, routing_threshold)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this architecture (stored in checkpoints)."""
@@ -177,9 +133,6 @@ class EarlyExitTransformer(nn.Module):
             "tie_weights": self.tie_weights,
             "confidence": self.confidence,
         }
-
-    def num_parameters(self) -> int:
-        return backbone.num_parameters(self)
 
 
 def StandardTransformer(  # noqa: N802

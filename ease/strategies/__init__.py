@@ -23,7 +23,8 @@ class StrategyConfig:
     Attributes:
         name: standard | ashem | token_routed.
         hard_example_ratio, phase1_layers, phase1_lr, phase1_patience, phase2_layers, phase2_lr,
-        phase2_patience, hard_examples_from, phase2_train_head: ASHEM (see `ease.strategies.ashem.ASHEMConfig`).
+        phase2_patience, hard_examples_from, phase2_train_head, phase1: ASHEM (see
+            `ease.strategies.ashem.ASHEMConfig`); phase1=skip runs ASHEM on a pretrained model.
         min_route_fraction: token-routed training: each route keeps at least this share of every batch.
     """
 
@@ -37,6 +38,7 @@ class StrategyConfig:
     phase2_patience: int = 3
     hard_examples_from: str = "val"
     phase2_train_head: bool = False
+    phase1: str = "train"
     min_route_fraction: float = 0.05
 
     def __post_init__(self) -> None:
@@ -60,4 +62,5 @@ class StrategyConfig:
             name = message.split(":", 1)[0]
             key = {"confidence": "routing.confidence", "max_epochs": "train.max_epochs"}.get(name, f"strategy.{name}")
             message = message.replace("phase1_layers (", "strategy.phase1_layers (")
+            message = message.replace("with phase1=", "with strategy.phase1=")
             raise ValueError(key + message[len(name) :]) from None

@@ -6,6 +6,10 @@ k+1..L) is added on top (`Backbone.extended`), the embedding, Block 1 and (by de
 head are frozen, and Block 2 is trained on the hard tokens only. At inference a token exits at layer k
 when its confidence reaches the threshold, else it runs to layer L.
 
+On a pretrained L-layer model (`ASHEMConfig.phase1="skip"`) its layers 1..k are Block 1 as they are: no
+phase 1 and no growth; the threshold comes from its layer k and its own layers k+1..L are trained on the
+hard tokens.
+
     config.py   ASHEMConfig
     cache.py    HardExamples: Block 1's cached exit states, confidences and the threshold
     batches.py  phase-2 batches of the windows holding hard tokens
@@ -23,8 +27,8 @@ from ease.strategies.ashem.cache import (
     compute_confidence_threshold,
     confidence_quantile,
 )
-from ease.strategies.ashem.config import HARD_EXAMPLE_SOURCES, ASHEMConfig
-from ease.strategies.ashem.flow import ASHEMProgress, ASHEMResult, run_ashem
+from ease.strategies.ashem.config import HARD_EXAMPLE_SOURCES, PHASE1_MODES, ASHEMConfig
+from ease.strategies.ashem.flow import ASHEMProgress, ASHEMResult, check_resume_mode, run_ashem
 from ease.strategies.ashem.phases import (
     Phase2State,
     evaluate_on_hard_examples,
@@ -36,6 +40,7 @@ from ease.strategies.ashem.phases import (
 
 __all__ = [
     "HARD_EXAMPLE_SOURCES",
+    "PHASE1_MODES",
     "ASHEMConfig",
     "ASHEMProgress",
     "ASHEMResult",
@@ -43,6 +48,7 @@ __all__ = [
     "HardExamples",
     "Phase2State",
     "cache_exit_states",
+    "check_resume_mode",
     "collect_hard_examples",
     "compute_confidence",
     "compute_confidence_threshold",

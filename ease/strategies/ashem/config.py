@@ -7,6 +7,7 @@ from ease.config import StageConfig, TrainingConfig, create_standard_config
 from ease.routing import CONFIDENCE_MEASURES
 
 HARD_EXAMPLE_SOURCES = ("val", "train")
+PHASE1_MODES = ("train", "skip")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class ASHEMConfig:
             would move layer-k confidences away from the threshold computed on them.
         confidence: confidence measure at the exit ("max_prob" is the seed's).
         max_epochs: epoch limit of each phase.
+        phase1: "train" (the seed: train a fresh k-layer Block 1, then grow it to L layers) or "skip" (a
+            pretrained L-layer model: its layers 1..k are Block 1 as they are; no phase 1, no growth, its own
+            layers k+1..L are trained on the hard tokens). With "skip", `phase1_lr` and `phase1_patience`
+            are unused and `phase2_train_head` must stay off.
     """
 
     phase1_layers: int = 2
@@ -42,6 +47,7 @@ class ASHEMConfig:
     phase2_train_head: bool = False
     confidence: str = "max_prob"
     max_epochs: int = 50
+    phase1: str = "train"
 
     def __post_init__(self) -> None:
         r = self.hard_example_ratio
@@ -63,8 +69,20 @@ class ASHEMConfig:
         if self.hard_examples_from not in HARD_EXAMPLE_SOURCES:
             allowed = ", ".join(HARD_EXAMPLE_SOURCES)
             raise ValueError(f"hard_examples_from: must be one of {allowed}, got {self.hard_examples_from!r}")
+        if self.phase1 not in PHASE1_MODES:
+            raise ValueError(f"phase1: must be one of {', '.join(PHASE1_MODES)}, got {self.phase1!r}")
+        if self.phase1 == "skip" and self.phase2_train_head:
+            raise ValueError(
+                "phase2_train_head: must be false with phase1=skip (the shared head is the pretrained Block 1's "
+                "exit: training it would move the layer-k confidences the threshold came from)"
+            )
         if self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence: must be one of {sorted(CONFIDENCE_MEASURES)}, got {self.confidence!r}")
+
+    @property
+    def skip_phase1(self) -> bool:
+        """True when Block 1 is the given pretrained model's layers 1..k (`phase1="skip"`)."""
+        return self.phase1 == "skip"
 
     @property
     def exit_layer(self) -> int:

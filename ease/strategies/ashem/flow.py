@@ -1,8 +1,12 @@
 """The whole ASHEM flow (seed 002): phase 1, the threshold and hard examples, growth and freezing, phase 2.
 
+On a pretrained model (`ASHEMConfig.phase1="skip"`) the given L-layer model's layers 1..k are Block 1: phase 1
+and the growth are skipped, the threshold comes from its layer k, and phase 2 trains its own layers k+1..L.
+
 Resuming. `run_ashem` reports an `ASHEMProgress` after every epoch of either phase and carries on from one
 (`resume=`) with the result of an uninterrupted run. The hard examples are not saved: a phase-2 resume
-rebuilds them from Block 1's final weights, which the saved state holds.
+rebuilds them from Block 1's final weights, which the saved state holds (phase1="train") or which are the
+resumed model's own frozen layers 1..k (phase1="skip").
 """
 
 import logging
@@ -31,7 +35,9 @@ class ASHEMResult:
     """What `run_ashem` produces: the routed model and the record of both phases."""
 
     model: Backbone  # L layers, routing (k, threshold)
-    phase1_model: Backbone  # Block 1 alone, as phase 1 left it
+    # phase1="train": Block 1 alone (k layers), as phase 1 left it. phase1="skip": the same object as `model`
+    # (the pretrained model was trained in place; its layers 1..k, embedding and head are unchanged).
+    phase1_model: Backbone
     threshold: float
     hard_examples: HardExamples  # the source split's cache (threshold set)
     val_examples: HardExamples  # the validation cache at the same threshold
@@ -41,7 +47,7 @@ class ASHEMResult:
     frozen_params_unchanged: bool
     eval_trainer: Trainer
     train_time_s: float  # both phases, hard-example collection included; final evaluation excluded
-    trained_positions: int  # positions trained on (phase 1 tokens + positions Block 2 ran over)
+    trained_positions: int  # positions trained on: phase 1 tokens (none if skipped) + positions Block 2 ran over
     state: dict[str, Any] = field(default_factory=dict)  # the finished run's resumable state (`ASHEMProgress.state`)
 
 
@@ -61,9 +67,10 @@ class ASHEMProgress:
         model: the model being trained: Block 1 alone (k layers) in phase 1, the routed L-layer model in phase 2.
         state: everything else a resume needs: "strategy" ("ashem"), "phase", "epoch", "completed", and in
             phase 1 "phase1_train" (`Trainer.training_state`: optimizer, RNGs, early stopping); in
-            phase 2 "phase1" (phase 1's record), "phase1_model" (Block 1's final weights, from which the
-            threshold and hard examples are rebuilt), "threshold" and "phase2_train" (optimizer, RNGs,
-            early stopping, the metrics before phase 2).
+            phase 2 "phase1" (phase 1's record; {"skipped": True, ...} with phase1="skip"), "phase1_model"
+            (Block 1's final weights, from which the threshold and hard examples are rebuilt; not stored with
+            phase1="skip", where they are the model's own frozen layers 1..k), "threshold" and
+            "phase2_train" (optimizer, RNGs, early stopping, the metrics before phase 2).
     """
 
     phase: int
@@ -83,6 +90,45 @@ def _saved_state(resume: dict[str, Any] | None) -> dict[str, Any] | None:
     return state
 
 
+def _skipped_phase1() -> dict[str, Any]:
+    """Phase 1's record when the pretrained model's lower layers are Block 1 (metrics filled in from the cache)."""
+    return {
+        "metrics": None,
+        "history": [],
+        "best_epoch": 0,
+        "epochs_run": 0,
+        "train_time_s": 0.0,
+        "tokens_per_s": None,
+        "skipped": True,
+    }
+
+
+def _exit_metrics(model: Backbone, cache: HardExamples, device: str | torch.device) -> dict[str, Any]:
+    """Block 1's metrics from a cache: every cached token scored at the exit layer (phase 1's "metrics" keys)."""
+    k = cache.exit_layer
+    every = evaluate_on_hard_examples(model, cache.with_threshold(math.inf), device, k, layer=k)
+    row = {key: every[key] for key in ("loss", "ppl", "acc")}
+    return {**row, "per_exit": {k: dict(row)}}
+
+
+def check_resume_mode(config: ASHEMConfig, saved: dict[str, Any] | None) -> None:
+    """One-line error when a checkpoint's ASHEM `train_state` is not of this run's `phase1` mode.
+
+    `run_ashem` calls it; an app can call it first, before comparing architectures (a phase1=train
+    checkpoint from phase 1 holds a k-layer model, a phase1=skip run an L-layer one).
+    """
+    if saved is None:
+        return
+    if config.skip_phase1 and saved["phase"] == 1:
+        raise ValueError("resume: the checkpoint is from phase 1 of a phase1=train run, this run is phase1=skip")
+    if saved["phase"] == 2:
+        was = "skip" if saved.get("phase1", {}).get("skipped") else "train"
+        if was != config.phase1:
+            raise ValueError(
+                f"resume: the checkpoint was saved by a phase1={was} run, this run is phase1={config.phase1}"
+            )
+
+
 def run_ashem(
     config: ASHEMConfig,
     phase1_model: Backbone,
@@ -100,7 +146,8 @@ def run_ashem(
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[ASHEMProgress], None] | None = None,
 ) -> ASHEMResult:
-    """The whole seed-002 flow on a fresh `phase1_model` of `config.phase1_layers` layers.
+    """The whole seed-002 flow on a fresh `phase1_model` of `config.phase1_layers` layers (or, with
+    `config.phase1="skip"`, on a pretrained model of `config.phase2_layers` layers: see below).
 
     1. Phase 1 trains Block 1 (layers 1..k) on all tokens with early stopping (phase1_lr, phase1_patience).
     2. The threshold is the `hard_example_ratio` quantile of the exit confidences on the source split
@@ -116,11 +163,26 @@ def run_ashem(
     rebuilds the threshold and hard examples from Block 1's saved final weights (deterministic: eval mode,
     the source batches set to the epoch after phase 1's last); a rebuilt threshold that differs from the
     saved one (other data or settings) is an error. `phase1_model` must be freshly built in both cases.
+
+    Pretrained (`config.phase1="skip"`): `phase1_model` is the pretrained L-layer model and its layers 1..k are
+    Block 1. Step 1 is skipped (phase 1's record has no epochs, "skipped": True, and its "metrics" are layer
+    k's on `val_batches`), step 2 runs on this model's layer k, step 3 freezes it in place without growth, and
+    step 4 trains its own layers k+1..L; the result's `model` and `phase1_model` are this same object, and
+    `trained_positions` counts phase 2 only. A resume (phase 2 only) loads the checkpoint's weights into it
+    first and rebuilds the threshold from its frozen layers 1..k; pass the model as loaded for the original
+    run (its weights are replaced).
     """
     k, L = config.phase1_layers, config.phase2_layers
-    if phase1_model.num_layers != k:
+    skip = config.skip_phase1
+    if skip and phase1_model.num_layers != L:
+        raise ValueError(
+            f"phase2_layers: with phase1=skip the pretrained model is the final one, it has "
+            f"{phase1_model.num_layers} layers, expected {L}"
+        )
+    if not skip and phase1_model.num_layers != k:
         raise ValueError(f"phase1_layers: the phase-1 model has {phase1_model.num_layers} layers, expected {k}")
     saved = _saved_state(resume)
+    check_resume_mode(config, saved)
     phase = saved["phase"] if saved else 1
     t_start = time.perf_counter()
 
@@ -130,14 +192,17 @@ def run_ashem(
             state = {"strategy": "ashem", "phase": 1, "epoch": epoch, "completed": False, **state}
             on_epoch_end(ASHEMProgress(1, epoch, epoch, phase1_model, state))
 
-    if phase == 1:
+    if phase == 2:
+        # Block 1's final weights: phase 1's saved ones, or (skip) the resumed model's frozen layers 1..k.
+        phase1_model.load_state_dict(resume["model"] if skip else saved["phase1_model"])
+        phase1 = saved["phase1"]
+    elif skip:
+        phase1 = _skipped_phase1()
+    else:
         phase1 = train_phase1(
             config, phase1_model, train_batches, val_batches, device, weight_decay, grad_clip, monitor, progress,
             verbose, resume, phase1_epoch_end,
         )  # fmt: skip
-    else:
-        phase1_model.load_state_dict(saved["phase1_model"])
-        phase1 = saved["phase1"]
     trained_positions = sum(row["train_tokens"] for row in phase1["history"])
 
     # Threshold and hard examples, from one pass of the frozen block over the source split.
@@ -158,14 +223,16 @@ def run_ashem(
         val_hard = hard
     else:
         val_hard = cache_exit_states(phase1_model, val_batches, k, config.confidence, device).with_threshold(threshold)
+    if phase1["metrics"] is None:  # skipped phase 1: Block 1's metrics are the pretrained model's at layer k
+        phase1["metrics"] = _exit_metrics(phase1_model, val_hard, device)
     log.info(
         "threshold %.4f at layer %d: %d of %d %s tokens hard (%.1f%%, target %.1f%%)",
         threshold, k, hard.num_hard_tokens, hard.num_tokens, config.hard_examples_from, 100 * hard.hard_ratio,
         100 * config.hard_example_ratio,
     )  # fmt: skip
 
-    # Extend, freeze, phase 2 from the cache.
-    model = phase1_model.extended(L)
+    # Extend (or, skipped phase 1, keep the pretrained model), freeze, phase 2 from the cache.
+    model = phase1_model if skip else phase1_model.extended(L)
     model.set_routing(k, threshold)
     snapshot = freeze_lower_layers(model, k, freeze_head=not config.phase2_train_head)  # Block 1's own values
     config2 = config.phase2_config(threshold)
@@ -175,7 +242,8 @@ def run_ashem(
     state2 = Phase2State()
     if phase == 2:
         train2 = saved["phase2_train"]
-        model.load_state_dict(resume["model"])
+        if not skip:  # skip: loaded above, before the cache
+            model.load_state_dict(resume["model"])
         optimizer2.load_state_dict(train2["optimizer"])
         state2 = Phase2State(EarlyStoppingState(**train2["early_stopping"]), train2["before"])
         set_rng_state(train2["rng"])  # last: building the model above drew from the RNG
@@ -188,7 +256,7 @@ def run_ashem(
             "epoch": phase1["epochs_run"] + len(stopping.history),
             "completed": completed,
             "phase1": phase1,
-            "phase1_model": phase1_model.state_dict(),
+            **({} if skip else {"phase1_model": phase1_model.state_dict()}),
             "threshold": threshold,
             "phase2_train": {
                 "optimizer": optimizer2.state_dict(),
