@@ -12,6 +12,7 @@ from hf_models import ARCHITECTURES, save_tiny, tiny
 transformers = pytest.importorskip("transformers")
 
 from ease import hf  # noqa: E402
+from ease.hf import architectures  # noqa: E402
 from ease.config import TrainingConfig  # noqa: E402
 from ease.inference.decoder import EarlyExitDecoder  # noqa: E402
 from ease.losses import weighted_exit_loss  # noqa: E402
@@ -262,3 +263,35 @@ def test_missing_extra_names_the_install_command(monkeypatch) -> None:
     monkeypatch.setattr("importlib.import_module", lambda name: no_transformers(name))
     with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]'"):
         hf.from_config("llama", vocab_size=8)
+
+
+def sliding(model_type: str) -> hf.HFBackbone:
+    """Sliding-window attention over 4 positions: Mistral on every layer, Qwen2 on layers 2-4 (hybrid)."""
+    from hf_models import config_kwargs
+
+    kw = config_kwargs(model_type, layers=4)
+    kw.update(sliding_window=4)
+    if model_type == "qwen2":
+        kw.update(use_sliding_window=True, max_window_layers=1)
+    torch.manual_seed(0)
+    model = hf.from_config(model_type, **kw).eval()
+    with torch.no_grad():
+        model.hf.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_sliding_window_layers_decode_like_the_full_forward(model_type: str) -> None:
+    model = sliding(model_type)
+    assert any(architectures.is_sliding(model.hf.config, i) for i in range(4))
+    seqs = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
+    ref = hf_layer_logits(model, seqs)
+    exits = [1, 2]
+    thresholds = [between(max_prob(ref[e]), 0.5, gap=1e-5) for e in exits]
+    expected, exit_at = routed_by_token(model, seqs, exits, thresholds)
+    dec = EarlyExitDecoder(model, 1, 14, exits, thresholds, kv_mode="recompute")
+    dec.prefill(seqs[:, :3])
+    for t in range(3, 14):  # past the window: the cache keeps only its last positions
+        out = dec.step(seqs[:, t])
+        assert int(out.exit_layer) == int(exit_at[0, t])
+        assert (out.logits[0] - expected[0, t]).abs().max().item() <= 1e-4
