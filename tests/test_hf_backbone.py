@@ -12,8 +12,8 @@ from hf_models import ARCHITECTURES, save_tiny, tiny
 transformers = pytest.importorskip("transformers")
 
 from ease import hf  # noqa: E402
-from ease.hf import architectures  # noqa: E402
 from ease.config import TrainingConfig  # noqa: E402
+from ease.hf import architectures  # noqa: E402
 from ease.inference.decoder import EarlyExitDecoder  # noqa: E402
 from ease.losses import weighted_exit_loss  # noqa: E402
 from ease.model.backbone import Backbone, exit_logits  # noqa: E402
