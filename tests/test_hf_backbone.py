@@ -295,3 +295,30 @@ def test_sliding_window_layers_decode_like_the_full_forward(model_type: str) -> 
         out = dec.step(seqs[:, t])
         assert int(out.exit_layer) == int(exit_at[0, t])
         assert (out.logits[0] - expected[0, t]).abs().max().item() <= 1e-4
+
+
+class FullCompute(hf.HFBackbone):
+    """The protocol's plain fallback for skipped tokens: run the whole layer, keep the inactive tokens' input."""
+
+    def layer(self, i, h, pos=0, cache=None, active=None):
+        out = super().layer(i, h, pos, cache)
+        return out if active is None else torch.where(active[..., None], out, h)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_kv_only_skipped_layers_equal_the_full_layer_fallback(model_type: str) -> None:
+    model = tiny(model_type, layers=4)
+    with torch.no_grad():
+        model.hf.get_output_embeddings().weight.mul_(8.0)
+    fallback = FullCompute(model.hf)
+    seqs = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(7))
+    threshold = between(max_prob(hf_layer_logits(model, seqs)[1]), 0.5, gap=1e-5)
+    runs = []
+    for backbone in (model, fallback):
+        dec = EarlyExitDecoder(backbone, 1, 16, [1], [threshold], kv_mode="propagate")
+        dec.prefill(seqs[:, :3])
+        runs.append([dec.step(seqs[:, t]) for t in range(3, 16)])
+    exits = [int(out.exit_layer) for out in runs[0]]
+    assert exits == [int(out.exit_layer) for out in runs[1]] and 1 in exits and 4 in exits
+    for fast, plain in zip(*runs):
+        assert (fast.logits - plain.logits).abs().max().item() <= 1e-5

@@ -8,6 +8,7 @@ and `transformer.ln_f`. Both end in `lm_head`. Nothing here re-implements a laye
 into the model and the keyword arguments its own `forward` passes to its own layers.
 """
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,31 @@ def call_layer(
         use_cache=use_cache,
         position_embeddings=parts.rotary(h, position_ids),
     )
+
+
+def write_kv(parts: Parts, i: int, h: torch.Tensor, position_ids: torch.Tensor, cache: Any) -> None:
+    """Decoder layer i's (0-indexed) keys and values for h (B, T, C), appended to its cache, with no attention and
+    no FFN: what a layer skipped by every row still gives later tokens (CALM's propagation). The model's own
+    modules compute them (its input norm, K/V projections, Qwen3's k_norm, its rotary function), as its
+    attention's forward does before attending."""
+    block = parts.layers[i]
+    if parts.rotary is None:  # GPT-2: one c_attn projection gives q, k, v
+        attn = block.attn
+        _, k, v = attn.c_attn(block.ln_1(h)).split(attn.split_size, dim=2)
+        shape = (*k.shape[:-1], -1, attn.head_dim)
+        cache.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx)
+        return
+    attn = block.self_attn
+    x = block.input_layernorm(h)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "k_norm"):  # Qwen3 normalises keys per head before the rotation
+        k = attn.k_norm(k)
+    k, v = k.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)  # (B, n_kv, T, hd)
+    cos, sin = parts.rotary(h, position_ids)
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
+    _, k = rotate(k, k, cos, sin)
+    cache.update(k, v, attn.layer_idx)
 
 
 def set_depth(config: Any, num_layers: int) -> None:

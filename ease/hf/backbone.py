@@ -5,9 +5,11 @@ model's own decoder layer with the arguments its `forward` would pass (rotary po
 model's `rotary_emb`, the causal or sliding-window mask from `transformers.masking_utils`, the model's
 `DynamicCache`), so exits compute only the layers they need and the last exit equals the model's own logits.
 
-Active-token calls (`layer(..., active=)`, CALM propagation) compute every token through the model's layer and
-keep the inactive tokens' input states: their K/V are still made from those states, as the protocol asks; the
-saving of skipping their attention and FFN is the native backbone's alone.
+Active-token calls (`layer(..., active=)`, CALM propagation): when no token is active (every row of a decoding
+step exited below this layer) only the layer's K/V are computed and cached (`architectures.write_kv`); when
+some are, every token runs through the model's layer and the inactive ones keep their input states (their K/V
+are still made from those states, as the protocol asks), so the per-token saving inside a layer is the native
+backbone's alone.
 """
 
 import copy
@@ -88,6 +90,10 @@ class HFBackbone(BackboneMethods, nn.Module):
     ) -> torch.Tensor:
         """Decoder layer i (1-indexed) on h (B, T, C) at positions pos..pos+T-1; see `Backbone.layer`."""
         position_ids = torch.arange(pos, pos + h.shape[1], device=h.device)[None]  # (1, T)
+        if active is not None and not bool(active.any()):  # every token skips: only its K/V for later tokens
+            if cache is not None:
+                architectures.write_kv(self._parts, i - 1, h, position_ids, cache)
+            return h
         sliding = architectures.is_sliding(self.hf.config, i - 1)
         mask = self._mask_fns[sliding](
             config=self.hf.config,
