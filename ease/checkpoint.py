@@ -5,6 +5,7 @@ with `torch.load(weights_only=True)`, so loading a file can never run code from 
 """
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise ValueError(f"{key}: file not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # objects beyond plain data: code could run if it were loaded unsafely
+        raise ValueError(
+            f"{key}: {path} holds Python objects that safe loading (weights_only=True) refuses, so it was not "
+            "loaded: a checkpoint written by an EASE version before 2026-12, or not an EASE checkpoint"
+        ) from None
     except Exception as err:  # truncated or foreign files raise many different errors
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{key}: cannot read {path}: {type(err).__name__}: {first}") from None

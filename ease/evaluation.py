@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ease.model.backbone import Backbone, exit_logits
 from ease.routing import confidence_fn, normalize_routing, route_from_confidences
+from ease.stop import check_stop
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -90,6 +91,7 @@ def collect_token_stats(
     model.eval()
     try:
         for x, y in batches:
+            check_stop()  # evaluation passes over large data stop between batches too
             x, y = x.to(device), y.to(device)
             logits = exit_logits(model, x, layers)
             target = y.reshape(-1)

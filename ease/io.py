@@ -15,21 +15,41 @@ from typing import Any
 
 import torch
 
+TMP_SUFFIX = ".tmp"
+
+
+def _file_mode() -> int:
+    """What a plain `open(..., "w")` would create under the process umask (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Let `write(tmp)` fill a temporary path beside `path`, fsync it, then rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, _file_mode())  # collaborators read results as they read any file the user writes
         write(tmp)
         with open(tmp, "rb+") as f:  # the rename must not reach the disk before the data does
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete the temporary files `atomic_write` leaves in `folder` when the process is killed mid-write."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -37,3 +37,25 @@ def kill_after(epoch: int) -> list[str]:
 def interrupt_after(epoch: int) -> list[str]:
     """The overrides that interrupt an in-process run after `epoch`."""
     return ["+callbacks.stop._target_=killswitch.InterruptAfterEpoch", f"+callbacks.stop.epoch={epoch}"]
+
+
+class SignalAfterEpoch(KillAfterEpoch):
+    """Send this process `signal_name` (SIGTERM, SIGINT) right after epoch `epoch`'s checkpoint: the run must
+    stop at its next safe point, in the middle of the next epoch's first step."""
+
+    def __init__(self, epoch: int, signal_name: str = "SIGTERM") -> None:
+        super().__init__(epoch)
+        self.signum = signal.Signals[signal_name]
+
+    def on_epoch_end(self, epoch: int, row: dict) -> None:
+        if epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+
+def signal_after(epoch: int, signal_name: str = "SIGTERM") -> list[str]:
+    """The overrides that send `signal_name` to a train.py run after `epoch`."""
+    return [
+        "+callbacks.signal._target_=killswitch.SignalAfterEpoch",
+        f"+callbacks.signal.epoch={epoch}",
+        f"+callbacks.signal.signal_name={signal_name}",
+    ]

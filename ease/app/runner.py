@@ -8,6 +8,7 @@
 """
 
 import importlib
+import json
 import logging
 import math
 import sys
@@ -21,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ease.app import build, train_task
 from ease.app.records import METRICS_FILE, make_record
-from ease.io import write_json_atomic
+from ease.io import remove_orphans, write_json_atomic
 from ease.seed import set_seed
+from ease.stop import StopRequested, stop_on_signals
 
 log = logging.getLogger("ease")
 
@@ -88,8 +90,15 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     started = time.time()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     overrides = list(overrides or [])
+    remove_orphans(output_dir)  # temporary files a SIGKILL left mid-write
     try:
-        metrics = run_task(cfg, output_dir)
+        with stop_on_signals():
+            metrics = run_task(cfg, output_dir)
+    except StopRequested as err:  # SIGTERM / SIGINT: stopped between steps; the last epoch's checkpoint stands
+        record = make_record("interrupted", cfg.task.name, {}, resolved, overrides, error=str(err), started=started)
+        record["signal"] = err.name
+        write_json_atomic(output_dir / METRICS_FILE, record)
+        raise
     except BaseException as err:
         message = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
         record = make_record("failed", cfg.task.name, {}, resolved, overrides, error=message, started=started)
@@ -106,6 +115,20 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     return record
 
 
+def check_no_record(output_dir: Path) -> None:
+    """A new run must not share a folder with another run's record (it would outlive an interrupted new run)."""
+    path = output_dir / METRICS_FILE
+    if path.is_file():
+        try:
+            status = json.loads(path.read_text(encoding="utf-8")).get("status", "?")
+        except (OSError, ValueError):
+            status = "unreadable"
+        raise ValueError(
+            f"hydra.run.dir: {output_dir} already holds a run's record (metrics.json, status {status}); pass "
+            "resume=true to continue that run, or use a new folder"
+        )
+
+
 def hydra_main(cfg: DictConfig) -> float | list[float]:
     """Hydra's task function: run, then return the objective(s) for a sweeper.
 
@@ -118,8 +141,15 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
 
     hc = HydraConfig.get()
     try:
+        if hc.mode == RunMode.RUN and not cfg.resume:
+            check_no_record(Path(hc.runtime.output_dir))
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
         values = record["objective"]["values"]
+    except StopRequested as err:
+        folder = hc.runtime.output_dir
+        print(f"error: {err}; checkpoint.pt in {folder} holds the last completed epoch: continue with resume=true "
+              f"hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
+        sys.exit(128 + err.signum)
     except Exception as err:
         message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         if cfg.debug:

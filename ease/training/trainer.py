@@ -23,6 +23,7 @@ from ease.losses import weighted_exit_loss
 from ease.model.backbone import Backbone
 from ease.routing import normalize_routing
 from ease.schedule import apply_alpha
+from ease.stop import check_stop
 from ease.training.config import MONITORS
 from ease.training.loop import EpochCallback, EpochOutcome, Validation, fit
 from ease.training.state import EarlyStoppingState, rng_state, set_rng_state
@@ -232,6 +233,7 @@ class Trainer:
             loss, report = self.batch_loss(model, x, y, weights)
             check_finite(loss, f"epoch {epoch + 1}")
             optimizer_step(loss, params, optimizer, self.grad_clip)
+            check_stop()  # a stop signal ends the run here, between steps
             total += loss.item() * y.numel()
             tokens += y.numel()
             if report is not None:

@@ -24,6 +24,7 @@ from ease.evaluation import Batch
 from ease.losses import hard_token_loss, upper_layer_logits
 from ease.model.backbone import Backbone, run_layers
 from ease.routing import confidence_fn
+from ease.stop import check_stop
 from ease.strategies.ashem.batches import HardBatch, HardExampleBatches, create_hard_example_loader
 from ease.strategies.ashem.cache import HardExamples
 from ease.strategies.ashem.config import ASHEMConfig
@@ -108,6 +109,7 @@ def train_upper_layers(
         loss = hard_token_loss(model, hidden, targets, mask, num_lower_layers)
         check_finite(loss, "phase 2")
         optimizer_step(loss, trainable, optimizer, grad_clip)
+        check_stop()
         total += loss.item() * n
         count += n
     if count == 0:
