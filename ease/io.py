@@ -38,6 +38,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         with open(tmp, "rb+") as f:  # the rename must not reach the disk before the data does
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, quota, permissions: say which file
+        raise OSError(err.errno, f"{err.strerror or err}: cannot write {path}") from None
+    except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise OSError(f"cannot write {path}: {first}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

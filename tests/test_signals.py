@@ -90,3 +90,14 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, args) -> None:
     assert proc.returncode == 1 and not marker.exists()
     line = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
     assert "safe loading (weights_only=True) refuses" in line and str(run / "checkpoint.pt") in line
+
+
+def test_a_failed_write_names_the_file(tmp_path) -> None:
+    import errno
+
+    def full(_tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on device: cannot write .*metrics\.json$") as err:
+        atomic_write(tmp_path / "metrics.json", full)
+    assert err.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
