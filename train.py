@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ease.app.errors import one_line_error
 from ease.app.runner import hydra_main
-from ease.app.schema import register_configs
+from ease.app.schema import check_plain_name, register_configs
 
 register_configs(Path(__file__).resolve().parent)
 # Hydra 1.4 warns on every config-named target (our results callback); the whitelist API is still moving.
@@ -26,11 +26,19 @@ def main(cfg: DictConfig) -> float | list[float]:
     return hydra_main(cfg)
 
 
+def check_job_name(args: list[str]) -> None:
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "hydra.job.name":
+            check_plain_name(key, value)
+
+
 def cli() -> None:
     """Run main; Hydra's own errors (composition, sweeper, output folder) become one line and exit 1."""
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv
     os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing its multi-line report
     try:
+        check_job_name(sys.argv[1:])  # Hydra opens the job's log file before any task code can check the name
         main()
     except Exception as err:
         if full_traceback:

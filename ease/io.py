@@ -40,7 +40,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     except OSError as err:  # disk full, quota, permissions: say which file
         raise OSError(err.errno, f"{err.strerror or err}: cannot write {path}") from None
-    except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError
+    except RuntimeError as err:
+        if "PytorchStreamWriter" not in str(err):  # only torch.save's own report of a failed write
+            raise
         first = (str(err).strip().splitlines() or [""])[0]
         raise OSError(f"cannot write {path}: {first}") from None
     finally:

@@ -68,6 +68,42 @@ CASES = [
     Case("results: no such folder", ["/nonexistent/sweep"], "/nonexistent/sweep", module="results"),
     Case("results: nothing to collect", ["{empty_dir}"], "no readable metrics.json", module="results", setup=["empty_dir"]),
     Case("results: only a corrupt record", ["{corrupt_dir}"], "no readable metrics.json", module="results", setup=["corrupt_dir"]),
+    # generation and evaluation inputs that do not fit the checkpoint (tests/test_hardening_inputs.py has more)
+    Case("NUL-byte data file", ["data.data_dir={nul_dir}"], "holds no text (only NUL bytes / whitespace)", setup=["nul_dir"]),
+    Case("too many new tokens", ["task=generate", "checkpoint={synthetic_ckpt}", "prompt=t1 t2", "task.max_new_tokens=100000"], "task.max_new_tokens: must be <= 4096 (the generation cap), got 100000", setup=["synthetic_ckpt"]),
+    Case("words for a synthetic checkpoint", ["task=generate", "checkpoint={synthetic_ckpt}", "prompt=1 2 3"], "prompt: the model's tokenizer is synthetic (tokens look like t0 t1 ... t63), got '1'", setup=["synthetic_ckpt"]),
+    Case("eval text for a synthetic checkpoint", ["task=eval", "checkpoint={synthetic_ckpt}", "task.checkpoint_data=false", "data.data_dir={words_dir}"], "task.checkpoint_data: data 'wikitext2' does not fit the checkpoint's synthetic tokenizer", setup=["synthetic_ckpt", "words_dir"]),
+    Case("eval synthetic data for a word checkpoint", ["task=eval", "checkpoint={word_ckpt}", "task.checkpoint_data=false", *TINY_SYN], "task.checkpoint_data: synthetic data needs a synthetic tokenizer, but the checkpoint's tokenizer is word", setup=["word_ckpt"]),
+    Case("eval data of unknown words", ["task=eval", "checkpoint={word_ckpt}", "task.checkpoint_data=false", "data.data_dir={words_dir}"], "the data does not match the checkpoint's tokenizer", setup=["word_ckpt", "words_dir"]),
+    # configuration refused before training (tests/test_hardening_config.py tests the checks themselves)
+    Case("typo key added with +", [*TINY_SYN, "+modle=tiny"], "modle: not a config key; did you mean model?"),
+    Case("unknown group key added with +", [*TINY_SYN, "+model.foo=1"], "model.foo: not a config key; the keys of model are num_layers, dim"),
+    Case("sweep without -m", ["+sweep=alpha_grid", *TINY_SYN], "sweep: +sweep=alpha_grid needs -m (multirun); without it only one plain run would happen"),
+    Case("seed beyond torch's range", [*TINY_SYN, "seed=18446744073709551616"], "seed: must be an int in [-9223372036854775808, 18446744073709551615], got 18446744073709551616"),
+    Case("device this machine lacks", [*TINY_SYN, "device=cuda:99"], "device: cuda:99 is not available on this machine (torch.cuda."),
+    Case("job name that is a path", [*TINY_SYN, "hydra.job.name=../../x"], "hydra.job.name: must be a plain name (no '/', '\\' or '..'), got '../../x'"),
+    Case("study name that is a path", ["-m", "+sweep=alpha_optuna", *TINY_SYN, "hydra.sweeper.storage=sqlite:///${{hydra.sweep.dir}}/optuna/${{hydra.sweeper.study_name}}.db", "hydra.sweeper.study_name=../../../elsewhere/x"], "hydra.sweeper.study_name: must be a plain name (no '/', '\\' or '..'), got '../../../elsewhere/x'"),
+    Case("malformed database URL", ["-m", "+sweep=alpha_optuna", *TINY_SYN, "hydra.sweeper.storage=notaurl"], "hydra.sweeper.storage: not a database URL: 'notaurl'"),
+    Case("unwritable database", ["-m", "+sweep=alpha_optuna", *TINY_SYN, "hydra.sweeper.storage=sqlite:////proc/x/y.db"], "hydra.sweeper.storage: cannot open sqlite:////proc/x/y.db: cannot create /proc/x"),
+    Case("database password hidden", ["-m", "+sweep=alpha_optuna", *TINY_SYN, "hydra.sweeper.storage=postgresql+psycopg://ease:s3cret@127.0.0.1:1/nodb"], "hydra.sweeper.storage: cannot open postgresql+psycopg://ease:***@127.0.0.1:1/nodb: "),
+    Case("5,000 custom weights", [*TINY_SYN, "loss_weights=custom", "loss_weights.weights=[" + ",".join(["1"] * 5000) + "]"], "loss_weights.weights: custom needs one weight per layer (3), got [1.0, 1.0, 1.0, 1.0, 1.0 ... 1.0, 1.0, 1.0, 1.0, 1.0]"),
+    # values that would silently invert or void a run, and more keys named by their one line
+    Case("negative clip norm", [*TINY_SYN, "train.grad_clip=-1"], "train.grad_clip: must be a finite number >= 0 (0 or null = no clipping), got -1.0"),
+    Case("NaN weight decay", [*TINY_SYN, "train.weight_decay=nan"], "train.weight_decay: must be a finite number >= 0, got nan"),
+    Case("analysis threshold above 1", [*TINY_SYN, "routing.analysis_thresholds=[1.5,-1]"], "routing.analysis_thresholds: each must be in [0, 1], got 1.5"),
+    Case("negative patience", [*TINY_SYN, "train.patience=-1"], "train.patience: must be an int >= 1, got -1"),
+    Case("zero batch size", [*TINY_SYN, "train.batch_size=0"], "data.batch_size: must be an int >= 1, got 0"),
+    Case("validation fraction above 1", [*TINY_SYN, "data.val_fraction=1.5"], "data.val_fraction: must be a number in (0, 1), got 1.5"),
+    Case("unknown confidence measure", [*TINY_SYN, "routing.confidence=bogus"], "routing.confidence: must be one of ['max_prob', 'neg_entropy', 'top2_margin'], got 'bogus'"),
+    Case("α schedule without α", [*TINY_SYN, "schedule=linear"], "schedule.kind: 'linear' moves α, so loss_weights must be asymmetric, shallow_deep or with_middle, got 'final_only'"),
+    Case("dropout of 1.5", [*TINY_SYN, "model.dropout=1.5"], "model.dropout: must be in [0, 1), got 1.5"),
+    Case("model=hf without a model", [*TINY_SYN, "model=hf"], "model.name_or_path: model=hf needs model.name_or_path=DIR (a local model folder) or a hub name"),
+    Case("model=hf folder without config.json", [*TINY_SYN, "model=hf", "model.name_or_path=/nonexistent/m"], "model.name_or_path: no config.json in '/nonexistent/m'"),
+    Case("unsupported HF architecture", [*TINY_SYN, "model=hf_tiny_llama", "model.hf_config.model_type=bert"], "model.hf_config: architecture 'bert' is not supported as an EASE backbone"),
+    Case("unknown kv mode", ["task=generate", "task.kv_mode=bogus"], "task.kv_mode: must be one of propagate, recompute, got 'bogus'"),
+    Case("negative temperature", ["task=generate", "task.temperature=-1"], "task.temperature: must be >= 0 (0 = greedy), got -1.0"),
+    Case("route fraction above 0.5", ["+preset=token_routed", *TINY_SYN, "strategy.min_route_fraction=0.9"], "strategy.min_route_fraction: must be in [0, 0.5], got 0.9"),
+    Case("unknown ASHEM phase-1 mode", ["+preset=ashem", *TINY_SYN, "strategy.phase1=bogus"], "strategy.phase1: must be one of train, skip, got 'bogus'"),
 ]  # fmt: skip
 
 
@@ -87,6 +123,23 @@ def make_materials(root: Path) -> dict[str, str]:
     (root / "corrupt" / "0").mkdir(parents=True)
     (root / "corrupt" / "0" / "metrics.json").write_text('{"status": "ok", "metri')
     m["corrupt_dir"] = str(root / "corrupt")
+    # generation / evaluation inputs: text of NUL bytes, plain words, and two checkpoints saved without a config
+    from ease.checkpoint import save_checkpoint
+    from ease.data import SyntheticTokenizer, WordTokenizer
+    from ease.model import EarlyExitTransformer
+
+    (root / "nul").mkdir()
+    (root / "nul" / "wiki.train.tokens").write_bytes(b"\x00" * 10_000)
+    m["nul_dir"] = str(root / "nul")
+    (root / "words").mkdir()
+    (root / "words" / "wiki.train.tokens").write_text("the cat sat on the mat and the dog ran to the park\n" * 300)
+    m["words_dir"] = str(root / "words")
+    torch.manual_seed(0)
+    save_checkpoint(root / "syn.pt", EarlyExitTransformer(64, 16, 3, num_heads=2), SyntheticTokenizer(64).to_dict())
+    m["synthetic_ckpt"] = str(root / "syn.pt")
+    other = WordTokenizer.fit("alpha beta gamma delta epsilon zeta eta theta\n" * 10, 20)  # none of the words above
+    save_checkpoint(root / "word.pt", EarlyExitTransformer(other.vocab_size, 16, 3, num_heads=2), other.to_dict())
+    m["word_ckpt"] = str(root / "word.pt")
     return m
 
 

@@ -7,6 +7,11 @@ tokenizer, rebuilds the data the checkpoint was trained on, and writes the metri
 The per-token pass is cached beside the checkpoint (eval_cache/), keyed by everything that determines it
 (the checkpoint file, data, split, exit layers, confidence measure): every routing setting is then scored from
 that one pass, so a threshold sweep of K jobs runs the model once, not K times.
+
+Data that does not fit the checkpoint's tokenizer is refused with one line (naming `task.checkpoint_data` when it
+is false): text a synthetic tokenizer cannot read, synthetic data for a text tokenizer or with more ids than the
+tokenizer's, and (task.checkpoint_data=false) data whose evaluated tokens are more than half `<unk>` (a warning
+when the data is the checkpoint's own).
 """
 
 import hashlib
@@ -23,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from ease.app import build
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.config import TrainingConfig
-from ease.data import build_data
-from ease.data.tokenizers import tokenizer_from_dict
+from ease.data import DataConfig, TokenBatches, build_data
+from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError, tokenizer_from_dict
 from ease.evaluation import Batch, TokenStats
 from ease.io import atomic_save
 from ease.training import Trainer
@@ -103,6 +108,36 @@ def _trained_config(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     return OmegaConf.create(trained) if isinstance(trained, dict) and "data" in trained else cfg
 
 
+def check_data_fits_tokenizer(data_cfg: DataConfig, tokenizer: Tokenizer, key: str) -> None:
+    """One-line ValueError (naming `key`) when synthetic data meets a text tokenizer or too few synthetic ids."""
+    kind = getattr(tokenizer, "kind", type(tokenizer).__name__)
+    if data_cfg.name != "synthetic":
+        return
+    if kind != "synthetic":
+        raise ValueError(f"{key}: synthetic data needs a synthetic tokenizer, but the checkpoint's tokenizer is {kind}")
+    if data_cfg.synthetic_vocab_size > tokenizer.vocab_size:
+        raise ValueError(
+            f"{key}: data.synthetic_vocab_size={data_cfg.synthetic_vocab_size} is more than the checkpoint's "
+            f"synthetic tokenizer's {tokenizer.vocab_size} ids"
+        )
+
+
+def check_unk_share(batches: TokenBatches, tokenizer: Tokenizer, key: str, split: str, refuse: bool) -> None:
+    """When more than half of the evaluated targets are the unknown id: a one-line ValueError naming `key`
+    (refuse=True: this run's own data), else a warning (the data as trained: a small vocabulary may do this)."""
+    unk_id = getattr(tokenizer, "unk_id", None)
+    if unk_id is None or batches.y.numel() == 0:
+        return
+    share = (batches.y == unk_id).double().mean().item()
+    if share <= 0.5:
+        return
+    kind = getattr(tokenizer, "kind", type(tokenizer).__name__)
+    message = f"{share:.0%} of the {split} tokens are {UNK} (unknown to the checkpoint's {kind} tokenizer)"
+    if refuse:
+        raise ValueError(f"{key}: {message}: the data does not match the checkpoint's tokenizer")
+    log.warning("%s: %s; the scores mostly measure predicting %s", key, message, UNK)
+
+
 def eval_training_config(cfg: DictConfig, trained: DictConfig, num_layers: int) -> TrainingConfig:
     """The checkpoint's loss weights (for the reported loss) with this run's routing group."""
     merged = OmegaConf.merge(trained, {"routing": OmegaConf.to_container(cfg.routing, resolve=True)})
@@ -121,7 +156,16 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     source = trained if cfg.task.checkpoint_data else cfg
     data_cfg = build.data_config(source)
     data_seed = int(source.seed)
-    data = build_data(data_cfg, seed=data_seed, tokenizer=tokenizer_from_dict(ckpt["tokenizer"]))
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    key = "data" if cfg.task.checkpoint_data else "task.checkpoint_data"  # false: this run's data, checked here
+    check_data_fits_tokenizer(data_cfg, tokenizer, key)
+    try:
+        data = build_data(data_cfg, seed=data_seed, tokenizer=tokenizer)
+    except TokenizerMismatchError as err:
+        raise ValueError(
+            f"{key}: data {data_cfg.name!r} does not fit the checkpoint's {err.kind} tokenizer ({err.expected}), "
+            f"got {err.got!r}"
+        ) from None
     if data.vocab_size > model.vocab_size:  # a pretrained embedding may have more rows than its tokenizer ids
         raise ValueError(f"checkpoint: model vocab {model.vocab_size} does not fit its tokenizer's {data.vocab_size}")
     config = eval_training_config(cfg, trained, model.num_layers)
@@ -140,6 +184,7 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     batches = data.val if cfg.task.split == "val" else data.test
     if batches is None:
         raise ValueError(f"task.split: no test split for data {data_cfg.name!r}; use task.split=val")
+    check_unk_share(batches, tokenizer, key, cfg.task.split, refuse=not cfg.task.checkpoint_data)
 
     t0 = time.perf_counter()
     trainer.split = cfg.task.split

@@ -5,6 +5,11 @@ decodes `task.max_new_tokens` tokens per row with the KV-cached early-exit decod
 records the text, each token's exit layer, tokens/s, mean layers per token and the speedup over the same
 decoder at full depth. Routing is the checkpoint's own unless `routing=confidence` is given on the command
 line (then routing.exit_layer / routing.threshold / routing.confidence apply).
+
+Bounds: `task.max_new_tokens` is at most 4096 (`MAX_NEW_TOKENS`; for a Hugging Face backbone also below its
+position limit); a prompt longer than the context (the checkpoint's training data.seq_len, and for a Hugging
+Face backbone no more than its max_position_embeddings) keeps its last tokens, with a warning naming how many
+were dropped.
 """
 
 import logging
@@ -17,7 +22,7 @@ from omegaconf import DictConfig
 from ease.app import build
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.data.tokenizers import tokenizer_from_dict
-from ease.inference.generation import SamplingConfig, generate
+from ease.inference.generation import SamplingConfig, generate, prompt_budget
 
 log = logging.getLogger("ease")
 
@@ -31,6 +36,14 @@ def sampling_config(cfg: DictConfig) -> SamplingConfig:
         return SamplingConfig(t.max_new_tokens, t.temperature, t.top_k, t.batch_size, t.kv_mode, t.decoder)
     except ValueError as err:
         raise ValueError(f"task.{err}") from None
+
+
+def checkpoint_context(ckpt: dict[str, Any]) -> int | None:
+    """The sequence length the checkpoint was trained on (its config's data.seq_len), or None if unrecorded."""
+    config = ckpt.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    seq_len = data.get("seq_len") if isinstance(data, dict) else None
+    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len >= 1 else None
 
 
 def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -53,6 +66,11 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         routing_source = "config"
     else:
         routing_source = "checkpoint"
+    context = checkpoint_context(ckpt)
+    try:  # checked here so a Hugging Face backbone's position limit is named as task.max_new_tokens
+        prompt_budget(model, sampling.max_new_tokens, context)
+    except ValueError as err:
+        raise ValueError(f"task.{err}") from None
     model.to(cfg.device)
     result = generate(
         model,
@@ -66,6 +84,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         kv_mode=sampling.kv_mode,
         decoder=sampling.decoder,
         threads=cfg.threads or 1,  # decoding is single-threaded unless threads= says otherwise
+        max_context=context,
     )
     lines = []
     for i, (text, exits) in enumerate(zip(result.texts, result.exit_layers)):

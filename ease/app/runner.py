@@ -129,6 +129,20 @@ def check_no_record(output_dir: Path) -> None:
         )
 
 
+def check_hydra(hc: DictConfig) -> None:
+    """Hydra settings a job refuses before it runs: `+sweep=NAME` without `-m`, and a job or study name that
+    would put files outside the output folder (`hydra.job.name` names the log, the study name the database)."""
+    from hydra.types import RunMode
+
+    from ease.app.schema import check_plain_name, check_sweep_mode
+
+    check_sweep_mode(list(hc.overrides.task), multirun=hc.mode == RunMode.MULTIRUN)
+    check_plain_name("hydra.job.name", hc.job.name)
+    study_name = OmegaConf.select(hc, "sweeper.study_name")
+    if study_name is not None:
+        check_plain_name("hydra.sweeper.study_name", study_name)
+
+
 def hydra_main(cfg: DictConfig) -> float | list[float]:
     """Hydra's task function: run, then return the objective(s) for a sweeper.
 
@@ -139,8 +153,11 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ease.app.errors import shorten
+
     hc = HydraConfig.get()
     try:
+        check_hydra(hc)
         if hc.mode == RunMode.RUN and not cfg.resume:
             check_no_record(Path(hc.runtime.output_dir))
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
@@ -151,7 +168,7 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
               f"hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
         sys.exit(128 + err.signum)
     except Exception as err:
-        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        message = shorten(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
         if cfg.debug:
             raise
         if hc.mode == RunMode.RUN:

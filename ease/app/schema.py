@@ -4,10 +4,16 @@ Every group is the library dataclass that owns it (`ModelConfig`, `DataConfig`, 
 `LrScalesConfig`, `RoutingConfig`, `ScheduleConfig`, `StrategyConfig`, `TrainConfig`), plus the app's own
 `TaskConfig`. Hydra types every key from them, so a mistyped key or a wrong type fails at composition;
 `ease.app.build` turns each group into its object with `OmegaConf.to_object`, whose `__post_init__` checks
-the values and names the key of a bad one, before any data is read or training starts.
+the values and names the key of a bad one, before any data is read or training starts. A key added with `+`
+passes composition (Hydra opens the struct for it), so `check_keys` refuses one the schema lacks; `check_top_level`
+also checks the seed against torch's range and that the device exists on this machine.
 """
 
-import math
+import dataclasses
+import difflib
+import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,8 @@ class TaskConfig:
         checkpoint_data: eval: rebuild the data as the checkpoint was trained (its data settings and seed).
         cache_stats: eval: keep the per-token pass beside the checkpoint, so a threshold sweep runs the model once.
         max_new_tokens, temperature, top_k, batch_size, kv_mode, decoder: generate (`SamplingConfig`).
+            max_new_tokens is at most 4096 (a fixed cap, `MAX_NEW_TOKENS`; for a Hugging Face backbone also below
+            its position limit); a prompt longer than the checkpoint's training data.seq_len keeps its last tokens.
     """
 
     name: str = "train"
@@ -88,8 +96,99 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
 
 
+# What torch.manual_seed accepts (a negative seed is taken modulo 2**64); a bigger int overflows there.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _schema_class(hint: Any) -> type | None:
+    """The dataclass a field holds (also inside `X | None`), or None: keys under a dict or Any field are free."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    classes = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+    return classes[0] if len(classes) == 1 else None
+
+
+def unknown_key_message(key: str, names: list[str]) -> str:
+    """`KEY: not a config key; did you mean NAME?` (difflib's closest field), else the keys there are."""
+    parent, _, leaf = key.rpartition(".")
+    prefix = parent + "." if parent else ""
+    close = difflib.get_close_matches(leaf, names, n=1)
+    if close:
+        return f"{key}: not a config key; did you mean {prefix}{close[0]}?"
+    return f"{key}: not a config key; the keys{' of ' + parent if parent else ''} are {', '.join(names)}"
+
+
+def check_keys(cfg: Any, schema: type = Config, prefix: str = "") -> None:
+    """Refuse a key the schema does not have: `+key=value` adds any key (Hydra opens the struct for it), so
+    `+modle=tiny` or `+model.foo=1` would otherwise pass and be ignored. Keys under a free dict (`callbacks`,
+    `model.hf_config`) or an Any field are allowed; so is `hydra` at the top."""
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    if not isinstance(plain, Mapping):
+        return
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key, value in plain.items():
+        key = str(key)
+        if key not in names:
+            if not prefix and key == "hydra":
+                continue
+            raise ValueError(unknown_key_message(prefix + key, names))
+        inner = _schema_class(hints[key])
+        if inner is not None and isinstance(value, Mapping):
+            check_keys(value, inner, f"{prefix}{key}.")
+
+
+def check_seed(seed: Any) -> None:
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ValueError(f"seed: must be an int in [{low}, {high}], got {seed!r}")
+
+
+def check_device(device: Any) -> None:
+    """cpu, cuda[:N] or mps, and present on this machine (before any data is read or a model is built)."""
+    import torch
+
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", str(device))
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise ValueError(f"device: must be cpu, cuda[:N] or mps, got {device!r}")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device} is not available on this machine (torch.cuda.is_available() is False)")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ValueError(
+                f"device: {device} is not available on this machine (torch.cuda.device_count() is {count}: "
+                f"cuda:0..cuda:{count - 1})"
+            )
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"device: {device} is not available on this machine (torch.backends.mps.is_available() is False)"
+            )
+        if index not in (None, "0"):
+            raise ValueError(f"device: {device} is not available on this machine (mps has one device, mps:0)")
+
+
+def check_plain_name(key: str, value: Any) -> None:
+    """A name Hydra or Optuna turns into a file or folder name: no path separator, no `..`."""
+    name = str(value)
+    if "/" in name or "\\" in name or ".." in name:
+        raise ValueError(f"{key}: must be a plain name (no '/', '\\' or '..'), got {name!r}")
+
+
+def check_sweep_mode(overrides: list[str], multirun: bool) -> None:
+    """`+sweep=NAME` without `-m` would run once with the sweep's fixed settings and ignore its search."""
+    if multirun:
+        return
+    for override in overrides:
+        if re.match(r"^\+{0,2}sweep=", override):
+            raise ValueError(f"sweep: {override} needs -m (multirun); without it only one plain run would happen")
+
+
 def check_top_level(cfg: Any) -> None:
     """The top-level keys no group owns (read from the composed config, without building the groups)."""
+    check_keys(cfg)
     for name in cfg.objective:
         if name not in OBJECTIVES:
             raise ValueError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {name!r}")
@@ -97,10 +196,8 @@ def check_top_level(cfg: Any) -> None:
         raise ValueError(f"objective: needs at least one of {', '.join(OBJECTIVES)}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads: must be >= 1, got {cfg.threads}")
-    if not (cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps"))):
-        raise ValueError(f"device: must be cpu, cuda[:N] or mps, got {cfg.device!r}")
-    if isinstance(cfg.seed, float) and not math.isfinite(cfg.seed):
-        raise ValueError(f"seed: must be an int, got {cfg.seed}")
+    check_seed(cfg.seed)
+    check_device(cfg.device)
 
 
 def register_configs(root: str | Path) -> None:

@@ -25,6 +25,20 @@ CHAR_UNK = "\ufffd"
 logger = logging.getLogger("ease.data")
 
 
+class TokenizerMismatchError(ValueError):
+    """Text a tokenizer cannot encode at all (a synthetic tokenizer given words): the text is not its kind.
+
+    Attributes:
+        kind: the tokenizer's kind ("synthetic").
+        expected: what its tokens look like.
+        got: the first piece of text it refused.
+    """
+
+    def __init__(self, kind: str, expected: str, got: str) -> None:
+        self.kind, self.expected, self.got = kind, expected, got
+        super().__init__(f"{kind} tokenizer: {expected}, got {got!r}")
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the rest of EASE needs from a tokenizer."""
@@ -266,10 +280,10 @@ class SyntheticTokenizer:
         """``"t3 t7"`` to ``[3, 7]``."""
         ids = []
         for word in text.split():
-            if not (word.startswith("t") and word[1:].isdigit()):
-                raise ValueError(f"synthetic token must look like t<id>, got {word!r}")
+            if not (word.startswith("t") and word[1:].isdigit() and int(word[1:]) < self._vocab_size):
+                raise TokenizerMismatchError(self.kind, f"tokens look like t0 t1 ... t{self._vocab_size - 1}", word)
             ids.append(int(word[1:]))
-        return _check_ids(ids, self._vocab_size)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """``[3, 7]`` to ``"t3 t7"``."""

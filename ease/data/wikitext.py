@@ -73,7 +73,7 @@ def find_wikitext_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _datasets_available() -> bool:
-    """Whether the optional Hugging Face ``datasets`` package (extra ``ease[hf]``) is importable."""
+    """Whether Hugging Face ``datasets`` is importable (the ``hf`` extra: ``pip install -e '.[hf]'``)."""
     return importlib.util.find_spec("datasets") is not None
 
 
@@ -108,11 +108,17 @@ def truncate_at_whitespace(text: str, max_chars: int) -> str:
     return text[:max_chars]
 
 
+def has_text(text: str) -> bool:
+    """Whether ``text`` holds anything but whitespace and NUL characters (NUL is not whitespace to ``str.strip``)."""
+    return bool(text.replace("\x00", "").strip())
+
+
 def read_text_file(path: Path) -> str:
     """Read a whole file as strict UTF-8, refusing undecodable or blank files.
 
     Raises:
-        ValueError: The file is not UTF-8 or holds only whitespace.
+        ValueError: The file is not UTF-8, holds only whitespace ("is empty"), or only NUL bytes and whitespace
+            ("holds no text").
     """
     try:
         text = path.read_bytes().decode("utf-8")
@@ -120,6 +126,8 @@ def read_text_file(path: Path) -> str:
         raise ValueError(f"data.data_dir: {path} is not valid UTF-8 (bad byte at offset {err.start})") from None
     if not text.strip():
         raise ValueError(f"data.data_dir: {path} is empty")
+    if not has_text(text):
+        raise ValueError(f"data.data_dir: {path} holds no text (only NUL bytes / whitespace)")
     return text
 
 
@@ -172,6 +180,6 @@ def load_wikitext_text(
     text = read_text_file(path)
     if max_chars is not None:
         text = truncate_at_whitespace(text, max_chars)
-        if not text.strip():
+        if not has_text(text):
             raise ValueError(f"data.max_chars: {max_chars} keeps no words of {path}")
     return text, path

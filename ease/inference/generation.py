@@ -8,8 +8,13 @@
 `speedup` is tokens/s with early exit over tokens/s of the same decoder with routing off (every token
 runs every layer), so it measures what exiting saves, not what the KV cache saves.
 `theoretical_speedup` is 1 / compute_cost (the layer count), the figure early-exit papers report.
+
+Inputs are bounded: `max_new_tokens` is at most `MAX_NEW_TOKENS` (4096); a prompt longer than the context
+(`max_context`, default the backbone's position limit, else `DEFAULT_MAX_CONTEXT`) keeps its last tokens, with a
+warning; and a prompt that is mostly the tokenizer's unknown id is warned about.
 """
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,14 +23,25 @@ from typing import Any
 
 import torch
 
-from ease.data.tokenizers import Tokenizer
+from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError
 from ease.inference.decoder import EarlyExitDecoder, check_kv_mode
 from ease.inference.fused import FusedDecoder
 from ease.model.backbone import Backbone
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import normalize_routing
 
+log = logging.getLogger("ease.inference")
+
 DECODERS = ("auto", "fused", "reference")
+# The most tokens one call generates per row: a fixed cap, so a typo (100000) cannot run for many minutes.
+MAX_NEW_TOKENS = 4096
+# Prompt tokens kept when neither `max_context` nor the backbone gives a limit (the native model uses RoPE and
+# has none; `task=generate` passes the checkpoint's training data.seq_len).
+DEFAULT_MAX_CONTEXT = 1024
+# Of a prompt longer than this many characters per context token (and at least PROMPT_MIN_CHARS), only the
+# tail is encoded: a huge prompt costs no more than a long one (a token rarely spans more characters).
+PROMPT_CHARS_PER_TOKEN = 64
+PROMPT_MIN_CHARS = 200_000
 
 
 def make_decoder(
@@ -54,7 +70,7 @@ class SamplingConfig:
     """How tokens are picked and decoded.
 
     Attributes:
-        max_new_tokens: tokens to generate per row (>= 1).
+        max_new_tokens: tokens to generate per row (1 .. MAX_NEW_TOKENS = 4096).
         temperature: 0 = greedy (argmax); > 0 divides the logits before sampling.
         top_k: sample among the k most likely tokens only; None = all.
         batch_size: rows decoded together (a single prompt is repeated).
@@ -72,6 +88,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise ValueError(
+                f"max_new_tokens: must be <= {MAX_NEW_TOKENS} (the generation cap), got {self.max_new_tokens}"
+            )
         if not self.temperature >= 0:
             raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -229,14 +249,109 @@ class GenerationResult:
         return asdict(self)
 
 
-def encode_prompts(tokenizer: Tokenizer, prompt: str | Sequence[str], batch_size: int) -> torch.Tensor:
-    """Token ids (B, T0): one prompt repeated batch_size times, or a list of prompts of equal token length."""
-    prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-    if not isinstance(prompt, str) and len(prompts) != batch_size:
+def position_limit(model: Backbone) -> int | None:
+    """The most positions `model` can hold: a Hugging Face backbone's `max_position_embeddings` (GPT-2's
+    `n_positions`); None for a backbone without one (the native model's RoPE)."""
+    config = getattr(getattr(model, "hf", None), "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def prompt_budget(model: Backbone, max_new_tokens: int, max_context: int | None = None) -> int:
+    """Prompt tokens kept: `max_context` (None = the backbone's position limit, else DEFAULT_MAX_CONTEXT), and
+    for a backbone with a position limit P, no more than P - max_new_tokens (prompt + new tokens fit P).
+
+    Raises:
+        ValueError: A bad max_context, or max_new_tokens that leave no room in the backbone's positions.
+    """
+    bad = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
+    if max_context is not None and bad:
+        raise ValueError(f"max_context: must be None or an int >= 1, got {max_context!r}")
+    limit = position_limit(model)
+    context = max_context if max_context is not None else (limit or DEFAULT_MAX_CONTEXT)
+    if limit is None:
+        return context
+    if max_new_tokens >= limit:
+        raise ValueError(
+            f"max_new_tokens: must be <= {limit - 1} for this backbone ({limit} positions, prompt included), "
+            f"got {max_new_tokens}"
+        )
+    return min(context, limit - max_new_tokens)
+
+
+def _tail_text(text: str, max_chars: int) -> str:
+    """The last `max_chars` characters of text, starting after a whitespace when one is near (no split word)."""
+    if len(text) <= max_chars:
+        return text
+    start = len(text) - max_chars
+    for i in range(start, min(start + 256, len(text))):
+        if text[i].isspace():
+            return text[i + 1 :]
+    return text[start:]
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, max_tokens: int | None = None) -> tuple[list[int], int, int]:
+    """One prompt's ids, its last `max_tokens` only (None: all). -> (ids, tokens dropped, characters dropped).
+
+    Only the text's tail (PROMPT_CHARS_PER_TOKEN characters per kept token, at least PROMPT_MIN_CHARS) is
+    encoded; the characters before it are counted, not tokenized.
+
+    Raises:
+        ValueError: (naming `prompt`) text the tokenizer cannot encode, e.g. words for a synthetic tokenizer.
+    """
+    dropped_chars = 0
+    if max_tokens is not None:
+        tail = _tail_text(text, max(PROMPT_MIN_CHARS, PROMPT_CHARS_PER_TOKEN * max_tokens))
+        dropped_chars, text = len(text) - len(tail), tail
+    try:
+        ids = tokenizer.encode(text)
+    except TokenizerMismatchError as err:
+        raise ValueError(f"prompt: the model's tokenizer is {err.kind} ({err.expected}), got {err.got!r}") from None
+    dropped = 0
+    if max_tokens is not None and len(ids) > max_tokens:
+        dropped, ids = len(ids) - max_tokens, ids[-max_tokens:]
+    return ids, dropped, dropped_chars
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, prompt: str | Sequence[str], batch_size: int, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Token ids (B, T0): one prompt repeated batch_size times, or a list of prompts of equal token length.
+
+    A prompt longer than `max_tokens` keeps its last `max_tokens` tokens (logged as a warning); a prompt whose
+    tokens are mostly the tokenizer's unknown id (`unk_id`, word and char tokenizers) is warned about.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    if not single and len(prompts) != batch_size:
         raise ValueError(f"prompt: got {len(prompts)} prompts for batch_size {batch_size}")
-    ids = [tokenizer.encode(p) for p in prompts]
-    if any(len(i) == 0 for i in ids):
-        raise ValueError("prompt: must encode to at least one token")
+    kind = getattr(tokenizer, "kind", type(tokenizer).__name__)
+    unk_id = getattr(tokenizer, "unk_id", None)
+    ids = []
+    for row, text in enumerate(prompts):
+        kept, dropped, dropped_chars = encode_prompt(tokenizer, text, max_tokens)
+        if not kept:
+            raise ValueError("prompt: must encode to at least one token")
+        which = "prompt" if single else f"prompt {row}"
+        if dropped or dropped_chars:
+            what = f"{dropped} tokens"
+            if dropped_chars:
+                what = f"{dropped_chars} characters (not encoded)" + (f" and {dropped} tokens" if dropped else "")
+            log.warning(
+                "%s: longer than the context allows (%d tokens); dropped its first %s, kept the last %d tokens",
+                which, max_tokens, what, len(kept),
+            )  # fmt: skip
+        unknown = sum(1 for i in kept if i == unk_id) if unk_id is not None else 0
+        if unknown * 2 > len(kept):
+            log.warning(
+                "%s: %d of its %d tokens are %s (unknown to the %s tokenizer); the model sees little of it",
+                which, unknown, len(kept), UNK, kind,
+            )  # fmt: skip
+        ids.append(kept)
+    ids = ids * batch_size if single else ids
     if len({len(i) for i in ids}) > 1:
         raise ValueError(
             f"prompt: prompts decoded together must have the same token length, got {[len(i) for i in ids]}"
@@ -260,6 +375,7 @@ def generate(
     decoder: str = "auto",
     warmup_steps: int = 4,
     threads: int | None = 1,
+    max_context: int | None = None,
 ) -> GenerationResult:
     """Continue `prompt` with early exit and report speed.
 
@@ -274,12 +390,20 @@ def generate(
         compare_full_depth: also time the same decoding with routing off, for `speedup`.
         warmup_steps: untimed steps run first, so the timings do not include first-call allocation.
         threads: intra-op threads while decoding (default 1; None = torch's current setting).
+        max_context: the most prompt tokens kept; a longer prompt keeps its last ones, with a warning. None =
+            the backbone's position limit (a Hugging Face model's max_position_embeddings), else
+            DEFAULT_MAX_CONTEXT (1024). A backbone with a position limit P also keeps prompt + new tokens <= P.
+
+    Raises:
+        ValueError: (naming the argument) bad settings, max_new_tokens above MAX_NEW_TOKENS (4096) or the
+            backbone's positions, or a prompt the tokenizer cannot encode.
     """
     if batch_size is None:
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, kv_mode, decoder)
+    budget = prompt_budget(model, max_new_tokens, max_context)
     device = next(model.parameters()).device
-    prompt_ids = encode_prompts(tokenizer, prompt, batch_size).to(device)
+    prompt_ids = encode_prompts(tokenizer, prompt, batch_size, budget).to(device)
     exits, thresholds = normalize_routing(
         model.exit_layers if exit_layer is None else exit_layer,
         model.routing_thresholds if routing_threshold is None else routing_threshold,
@@ -326,6 +450,7 @@ def generate(
             "exit_layers": list(exits),
             "routing_thresholds": list(thresholds),
             "prompt_tokens": prompt_ids.shape[1],
+            "max_prompt_tokens": budget,
             "layer_tokens": run.layer_tokens,
             "kv_tokens": run.kv_tokens,
             "seconds": run.seconds,

@@ -41,6 +41,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.backbone == "hf" and self.name_or_path in (None, "???") and self.hf_config is None:
+            raise ValueError(
+                "model.name_or_path: model=hf needs model.name_or_path=DIR (a local model folder) or a hub name"
+            )
         pretrained = self.backbone == "hf" and self.name_or_path is not None
         for name in ("num_layers", "dim", "num_heads"):
             value = getattr(self, name)

@@ -50,7 +50,8 @@ class HardExampleBatches:
         n = self.hidden.shape[0]
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        seed = (self.seed * 1_000_003 + epoch) % 2**64  # within torch's seed range for any int seed
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self) -> Iterator[HardBatch]:
         order = self.order(self.epoch)
