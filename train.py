@@ -26,10 +26,15 @@ def main(cfg: DictConfig) -> float | list[float]:
     return hydra_main(cfg)
 
 
-def check_job_name(args: list[str]) -> None:
+# Names Hydra or the Optuna sweeper turn into paths before any task code runs (the job's log file, the study's
+# database folder): checked on the command line first, so nothing is created outside the outputs folder.
+PATH_NAMES = ("hydra.job.name", "hydra.sweeper.study_name")
+
+
+def check_path_names(args: list[str]) -> None:
     for arg in args:
         key, _, value = arg.lstrip("+~").partition("=")
-        if key == "hydra.job.name":
+        if key in PATH_NAMES:
             check_plain_name(key, value)
 
 
@@ -38,7 +43,7 @@ def cli() -> None:
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv
     os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing its multi-line report
     try:
-        check_job_name(sys.argv[1:])  # Hydra opens the job's log file before any task code can check the name
+        check_path_names(sys.argv[1:])
         main()
     except Exception as err:
         if full_traceback:
