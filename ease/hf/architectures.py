@@ -32,14 +32,19 @@ class Parts:
     embed_dropout: nn.Module | None = None  # GPT-2: dropout after the embedding sum
 
 
-def check_supported(config: Any, key: str = "model.name_or_path") -> None:
+def check_model_type(model_type: Any, key: str = "model.name_or_path") -> None:
     """One-line ValueError naming the architecture when EASE cannot run it as a backbone."""
-    model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{key}: architecture {model_type!r} is not supported as an EASE backbone "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+
+
+def check_supported(config: Any, key: str = "model.name_or_path") -> None:
+    """`check_model_type` for a config, and the variants of a supported family EASE cannot run."""
+    model_type = getattr(config, "model_type", None)
+    check_model_type(model_type, key)
     if model_type == "gpt2" and getattr(config, "add_cross_attention", False):
         raise ValueError(f"{key}: GPT-2 with cross-attention is an encoder-decoder, not a causal LM backbone")
 

@@ -65,6 +65,11 @@ class HFBackbone(BackboneMethods, nn.Module):
         self._mask_fns = (masking.create_causal_mask, masking.create_sliding_window_causal_mask)
 
     @property
+    def max_positions(self) -> int:
+        """The most positions the model holds (`max_position_embeddings`; GPT-2 maps `n_positions` onto it)."""
+        return int(self.hf.config.max_position_embeddings)
+
+    @property
     def layers(self) -> nn.ModuleList:
         """The model's decoder layers (layer i is `layers[i - 1]`)."""
         return self._parts.layers

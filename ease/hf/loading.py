@@ -30,6 +30,11 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
+def _source(name_or_path: str) -> str:
+    """What transformers loads from: a local folder with `~` expanded, else the hub name as given."""
+    return str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
+
+
 def load_config(name_or_path: str) -> Any:
     """The model's `transformers` config (config.json only), checked to be a supported architecture."""
     if not name_or_path:
@@ -37,9 +42,7 @@ def load_config(name_or_path: str) -> Any:
     if _looks_local(name_or_path) and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise ValueError(f"{KEY}: no config.json in {name_or_path!r} (a save_pretrained folder is expected)")
     try:
-        config = _transformers().AutoConfig.from_pretrained(
-            str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
-        )
+        config = _transformers().AutoConfig.from_pretrained(_source(name_or_path))
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{KEY}: cannot load a config from {name_or_path!r}: {type(err).__name__}: {first}") from None
@@ -73,9 +76,8 @@ def from_pretrained(
     initialised layers on top (`HFBackbone.extended`).
     """
     config = load_config(name_or_path)
-    path = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
     model = _transformers().AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
+        _source(name_or_path), config=config, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
     )
     depth = config.num_hidden_layers
     if num_layers is not None and num_layers < depth:
@@ -99,13 +101,10 @@ def from_config(
     **config_kwargs: Any,
 ) -> HFBackbone:
     """A randomly initialised model of `model_type` built from config values (no download): tests and demos."""
+    architectures.check_model_type(model_type, key="model.hf_config")
     transformers = _transformers()
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **config_kwargs)
-    except ValueError:
-        config = None
-    if config is None or config.model_type not in architectures.SUPPORTED_ARCHITECTURES:
-        architectures.check_supported(config or type("C", (), {"model_type": model_type})(), key="model.hf_config")
+    config = transformers.AutoConfig.for_model(model_type, **config_kwargs)
+    architectures.check_supported(config, key="model.hf_config")
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return HFBackbone(model, exit_layer, routing_threshold, confidence)
 

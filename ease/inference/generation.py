@@ -250,14 +250,9 @@ class GenerationResult:
 
 
 def position_limit(model: Backbone) -> int | None:
-    """The most positions `model` can hold: a Hugging Face backbone's `max_position_embeddings` (GPT-2's
-    `n_positions`); None for a backbone without one (the native model's RoPE)."""
-    config = getattr(getattr(model, "hf", None), "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    """The most positions `model` can hold (a backbone's `max_positions`, e.g. a Hugging Face model's
+    `max_position_embeddings`); None for a backbone without a limit (the native model's RoPE)."""
+    return getattr(model, "max_positions", None)
 
 
 def prompt_budget(model: Backbone, max_new_tokens: int, max_context: int | None = None) -> int:
