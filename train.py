@@ -38,18 +38,37 @@ def check_path_names(args: list[str]) -> None:
             check_plain_name(key, value)
 
 
+def join_ranks() -> None:
+    """Under torchrun: join the process group before Hydra names the run folder, so every rank gets rank 0's
+    timestamp (one folder), and let only rank 0 write Hydra's log file and .hydra/ configs."""
+    from ease import distributed
+    from ease.app.schema import run_time, set_run_time
+
+    if distributed.env_world_size() <= 1:
+        return
+    ctx = distributed.init_from_env()
+    set_run_time(ctx.broadcast(run_time()))
+    if not ctx.is_main:
+        sys.argv += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING", "hydra.output_subdir=null"]
+
+
 def cli() -> None:
     """Run main; Hydra's own errors (composition, sweeper, output folder) become one line and exit 1."""
+    from ease import distributed
+
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in sys.argv
     os.environ["HYDRA_FULL_ERROR"] = "1"  # make Hydra raise instead of printing its multi-line report
     try:
         check_path_names(sys.argv[1:])
+        join_ranks()
         main()
     except Exception as err:
         if full_traceback:
             raise
         print(f"error: {one_line_error(err)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

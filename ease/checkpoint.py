@@ -35,9 +35,17 @@ def resolve_checkpoint_path(value: str | None, task: str) -> Path:
     return path.resolve()
 
 
-def save_checkpoint(path: str | Path, model: Backbone, tokenizer: dict | None = None, **extra: Any) -> None:
-    """Model weights + constructor arguments + the tokenizer's dict + anything else (e.g. the config)."""
-    atomic_save({"model_args": model.config_dict(), "model": model.state_dict(), "tokenizer": tokenizer, **extra}, path)
+def save_checkpoint(
+    path: str | Path,
+    model: Backbone,
+    tokenizer: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    **extra: Any,
+) -> None:
+    """Model weights (`weights`, default `model.state_dict()`; a sharded model passes its gathered full weights)
+    + constructor arguments + the tokenizer's dict + anything else (e.g. the config)."""
+    state = model.state_dict() if weights is None else weights
+    atomic_save({"model_args": model.config_dict(), "model": state, "tokenizer": tokenizer, **extra}, path)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", key: str = "checkpoint") -> dict:

@@ -114,6 +114,19 @@ def collect_token_stats(
     return stats
 
 
+def merge_token_stats(parts: Sequence[TokenStats]) -> TokenStats:
+    """One TokenStats from several ranks' (each over its share of the tokens), as if from one pass."""
+    merged = TokenStats(num_layers=parts[0].num_layers)
+    for name in ("confidence", "nll", "correct"):
+        layers = getattr(parts[0], name)
+        setattr(merged, name, {layer: torch.cat([getattr(p, name)[layer] for p in parts]) for layer in layers})
+    for layer in parts[0].layer_nll_sum:
+        merged.layer_nll_sum[layer] = sum(p.layer_nll_sum[layer] for p in parts)
+        merged.layer_correct[layer] = sum(p.layer_correct[layer] for p in parts)
+    merged.num_tokens = sum(p.num_tokens for p in parts)
+    return merged
+
+
 def threshold_rows(
     stats: TokenStats,
     exit_layers: Sequence[int],

@@ -32,6 +32,11 @@ def check_stop() -> None:
         raise StopRequested(_pending)
 
 
+def pending_stop() -> int | None:
+    """The signal number of a pending stop request, or None (data-parallel ranks agree on it before stopping)."""
+    return _pending
+
+
 def _request(signum: int, frame: object) -> None:
     global _pending
     if _pending == signum:  # asked twice: the default action now

@@ -8,6 +8,7 @@ import signal
 import stat
 
 import pytest
+import torch
 from conftest import strip_timing, train_py
 from killswitch import signal_after
 
@@ -34,8 +35,23 @@ def test_signal_stops_cleanly_and_resume_matches_an_uninterrupted_run(tmp_path, 
     r = record(stopped)
     assert r["status"] == "interrupted" and r["signal"] == name and r["metrics"] == {}
     assert (stopped / "checkpoint.pt").is_file() and not list(stopped.glob(".*.tmp"))
+    # the checkpoint is the stop point, one step into epoch 2, not the end of epoch 1
+    state = torch.load(stopped / "checkpoint.pt", weights_only=True)["train_state"]
+    steps_per_epoch = record(full)["metrics"]["training"]["steps_run"] // 3
+    assert state["interval"]["steps"] == 1 and state["trainer"]["step"] == steps_per_epoch + 1
     assert train_py(*RUN, "resume=true", f"hydra.run.dir={stopped}").returncode == 0
     assert record(stopped)["status"] == "ok"
+    assert strip_timing(record(stopped)["metrics"]) == strip_timing(record(full)["metrics"])
+
+
+def test_a_stop_by_steps_resumes_mid_interval(tmp_path) -> None:
+    args = [*RUN, "train.max_steps=12", "train.eval_every=5", "train.grad_accum=2", "train.lr_schedule=linear"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert train_py(*args, f"hydra.run.dir={full}").returncode == 0
+    assert train_py(*args, *signal_after(1), f"hydra.run.dir={stopped}").returncode == 128 + signal.SIGTERM
+    state = torch.load(stopped / "checkpoint.pt", weights_only=True)["train_state"]
+    assert state["trainer"]["step"] == 6 and state["interval"]["steps"] == 1
+    assert train_py(*args, "resume=true", f"hydra.run.dir={stopped}").returncode == 0
     assert strip_timing(record(stopped)["metrics"]) == strip_timing(record(full)["metrics"])
 
 

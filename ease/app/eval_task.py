@@ -126,9 +126,10 @@ def check_unk_share(batches: TokenBatches, tokenizer: Tokenizer, key: str, split
     """When more than half of the evaluated targets are the unknown id: a one-line ValueError naming `key`
     (refuse=True: this run's own data), else a warning (the data as trained: a small vocabulary may do this)."""
     unk_id = getattr(tokenizer, "unk_id", None)
-    if unk_id is None or batches.y.numel() == 0:
+    targets = batches.target_sample()
+    if unk_id is None or targets.numel() == 0:
         return
-    share = (batches.y == unk_id).double().mean().item()
+    share = (targets == unk_id).double().mean().item()
     if share <= 0.5:
         return
     kind = getattr(tokenizer, "kind", type(tokenizer).__name__)

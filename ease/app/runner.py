@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ease import distributed
 from ease.app import build, train_task
 from ease.app.records import METRICS_FILE, make_record
 from ease.io import remove_orphans, write_json_atomic
@@ -97,22 +98,29 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     except StopRequested as err:  # SIGTERM / SIGINT: stopped between steps; the last epoch's checkpoint stands
         record = make_record("interrupted", cfg.task.name, {}, resolved, overrides, error=str(err), started=started)
         record["signal"] = err.name
-        write_json_atomic(output_dir / METRICS_FILE, record)
+        write_record(output_dir, record)
         raise
     except BaseException as err:
         message = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
         record = make_record("failed", cfg.task.name, {}, resolved, overrides, error=message, started=started)
         record["traceback"] = traceback.format_exc()
-        write_json_atomic(output_dir / METRICS_FILE, record)
+        write_record(output_dir, record)
         raise
     values = objective_values(cfg, metrics)
     objective = {"names": list(cfg.objective), "values": values}
     record = make_record("ok", cfg.task.name, metrics, resolved, overrides, objective, started=started)
-    write_json_atomic(output_dir / METRICS_FILE, record)
-    if "ppl" in metrics:
+    write_record(output_dir, record)
+    if "ppl" in metrics and distributed.current().is_main:
         print(summary_table(metrics), file=sys.stderr)
-    log.info("metrics written to %s", output_dir / METRICS_FILE)
+    if distributed.current().is_main:
+        log.info("metrics written to %s", output_dir / METRICS_FILE)
     return record
+
+
+def write_record(output_dir: Path, record: dict[str, Any]) -> None:
+    """metrics.json; under torchrun rank 0 alone writes it."""
+    if distributed.current().is_main:
+        write_json_atomic(output_dir / METRICS_FILE, record)
 
 
 def check_no_record(output_dir: Path) -> None:
@@ -164,8 +172,8 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
         values = record["objective"]["values"]
     except StopRequested as err:
         folder = hc.runtime.output_dir
-        print(f"error: {err}; checkpoint.pt in {folder} holds the last completed epoch: continue with resume=true "
-              f"hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
+        print(f"error: {err}; checkpoint.pt in {folder} holds the run where it stopped (ASHEM: its last completed "
+              f"epoch): continue with resume=true hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
         sys.exit(128 + err.signum)
     except Exception as err:
         message = shorten(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")

@@ -2,14 +2,15 @@
 
 Every group is the library dataclass that owns it (`ModelConfig`, `DataConfig`, `LossWeightsConfig`,
 `LrScalesConfig`, `RoutingConfig`, `ScheduleConfig`, `StrategyConfig`, `TrainConfig`), plus the app's own
-`TaskConfig`. Hydra types every key from them, so a mistyped key or a wrong type fails at composition;
-`ease.app.build` turns each group into its object with `OmegaConf.to_object`, whose `__post_init__` checks
-the values and names the key of a bad one, before any data is read or training starts. A key added with `+`
-passes composition (Hydra opens the struct for it), so `check_keys` refuses one the schema lacks; `check_top_level`
-also checks the seed against torch's range and that the device exists on this machine.
+`TaskConfig` and `LoggerConfig` (ease/app/loggers.py). Hydra types every key from them, so a mistyped key or a
+wrong type fails at composition; `ease.app.build` turns each group into its object with `OmegaConf.to_object`,
+whose `__post_init__` checks the values and names the key of a bad one, before any data is read or training
+starts. A key added with `+` passes composition (Hydra opens the struct for it), so `check_keys` refuses one the
+schema lacks; `check_top_level` also checks the seed against torch's range and that the device exists on this machine.
 """
 
 import dataclasses
+import datetime
 import difflib
 import re
 import typing
@@ -21,6 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from ease.app.loggers import LoggerConfig
 from ease.config import LrScalesConfig
 from ease.data import DataConfig
 from ease.inference.decoder import KV_MODES
@@ -81,6 +83,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
@@ -200,6 +203,22 @@ def check_top_level(cfg: Any) -> None:
     check_device(cfg.device)
 
 
+_run_time: datetime.datetime | None = None
+
+
+def run_time() -> datetime.datetime:
+    """The time run folders are named after: fixed at first use (or by `set_run_time`, for all ranks)."""
+    global _run_time
+    if _run_time is None:
+        _run_time = datetime.datetime.now()
+    return _run_time
+
+
+def set_run_time(value: datetime.datetime) -> None:
+    global _run_time
+    _run_time = value
+
+
 def register_configs(root: str | Path) -> None:
     """Put the schema into Hydra's ConfigStore as `base_config` (config.yaml lists it first), and define
     `${ease_root:}`, the project folder, so outputs/ and the Optuna database never depend on the cwd."""
@@ -209,6 +228,7 @@ def register_configs(root: str | Path) -> None:
         return project_root
 
     OmegaConf.register_resolver("ease_root", ease_root, replace=True)
+    OmegaConf.register_resolver("ease_now", lambda pattern: run_time().strftime(pattern), replace=True)
     from ease.app.studies import register_resolvers  # the sweeper's seed resolver, for `--cfg hydra` too
 
     register_resolvers()

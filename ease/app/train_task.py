@@ -26,19 +26,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ease import distributed
 from ease.app import build
+from ease.app.loggers import build_loggers, check_loggers
 from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
 from ease.config import TrainingConfig
 from ease.data import DataBundle, build_data
+from ease.distributed import DistContext, check_setup, full_state_dict, wrap
 from ease.hf.backbone import HFBackbone
 from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
+from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
 from ease.training import EarlyStoppingState, Trainer
+from ease.training.lr_schedule import LrSchedule
+from ease.training.precision import check_precision
+from ease.training.trainer import LossModule
 
 log = logging.getLogger("ease")
 
@@ -63,7 +71,9 @@ class RunOutput:
         data: The data (its tokenizer is stored with the model).
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, data: DataBundle) -> None:
+    def __init__(self, cfg: DictConfig, output_dir: Path, data: DataBundle, dist: DistContext | None = None) -> None:
+        self.dist = dist or distributed.current()
+        self.root: Any = None  # the FSDP2 root module of a sharded run (set once wrapped)
         self.enabled = bool(cfg.save_checkpoint)
         self.path = output_dir / CHECKPOINT_FILE
         self.tokenizer = data.tokenizer.to_dict()
@@ -72,20 +82,27 @@ class RunOutput:
         self.callbacks = build.run_callbacks(cfg)
 
     def save(self, model: Backbone, train_state: dict[str, Any], **extra: Any) -> None:
-        if self.enabled:
-            save_checkpoint(self.path, model, self.tokenizer, config=self.config, train_state=train_state, **extra)
+        """Rank 0 writes (every rank calls: sharded weights are gathered first, through `self.root`)."""
+        if not self.enabled:
+            return
+        weights = full_state_dict(model, self.dist, self.root)
+        if self.dist.is_main:
+            save_checkpoint(
+                self.path, model, self.tokenizer, weights, config=self.config, train_state=train_state, **extra
+            )
 
     def finish(self, model: Backbone, train_state: dict[str, Any], **extra: Any) -> None:
         """The final checkpoint; a Hugging Face backbone also goes to hf/ in save_pretrained format."""
         self.save(model, train_state, **extra)
-        if self.enabled and isinstance(model, HFBackbone):
+        if self.enabled and self.dist.is_main and isinstance(model, HFBackbone):
             hf_dir = save_pretrained(model, self.path.parent / HF_DIR, self.hf_tokenizer)
             log.info("saved %s (AutoModelForCausalLM.from_pretrained or ease.hf.from_pretrained loads it)", hf_dir)
 
     def epoch_end(self, model: Backbone, train_state: dict[str, Any], epoch: int, row: dict) -> None:
         self.save(model, train_state)
-        for callback in self.callbacks:
-            callback.on_epoch_end(epoch, row)
+        if self.dist.is_main:
+            for callback in self.callbacks:
+                callback.on_epoch_end(epoch, row)
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path, strategy: str) -> dict[str, Any] | None:
@@ -193,65 +210,159 @@ def min_route_fraction(cfg: DictConfig) -> float:
     return check_min_route_fraction(build.group(cfg, "strategy").min_route_fraction)
 
 
+def lr_schedule(cfg: DictConfig) -> LrSchedule:
+    """train.lr_schedule / warmup_steps / min_lr; its length is set when training starts (steps or epochs)."""
+    return LrSchedule(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.min_lr / cfg.train.lr)
+
+
 def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
     """The Trainer of strategy=standard or strategy=token_routed."""
+    steps = {
+        "grad_accum": cfg.train.grad_accum,
+        "precision": cfg.train.precision,
+        "lr_schedule": lr_schedule(cfg),
+        "dist": distributed.current(),
+    }
     if cfg.strategy.name == "token_routed":
         config = token_routed_training_config(cfg)
         return TokenRoutedTrainer(
-            config, vocab_size, cfg.device, cfg.train.grad_clip, min_route_fraction(cfg), progress=cfg.progress
+            config, vocab_size, cfg.device, cfg.train.grad_clip, min_route_fraction(cfg), progress=cfg.progress, **steps
         )
-    return Trainer(build.training_config(cfg), vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress)
+    return Trainer(
+        build.training_config(cfg), vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, **steps
+    )
+
+
+def run_device(cfg: DictConfig) -> str:
+    """The device this process trains on: under torchrun on CUDA, the rank's own GPU."""
+    ctx = distributed.current()
+    if ctx.enabled and str(cfg.device).startswith("cuda"):
+        return f"cuda:{ctx.local_rank}"
+    return str(cfg.device)
+
+
+def find_unused(trainer: Trainer, model: Backbone) -> bool:
+    """DDP must be told when some parameters get no gradient: layers above the deepest weighted exit."""
+    weights = trainer.config.weights_for(model.num_layers)
+    return max(layer for layer, w in weights.items() if w > 0) < model.num_layers
 
 
 def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str, Any]:
     """strategy=standard or token_routed: weighted (or routed) training with early stopping, the final routed
     evaluation with the threshold curve, checkpoint.pt every epoch; returns the metrics."""
     strategy = cfg.strategy.name
-    model = build.model(cfg, data.vocab_size).to(cfg.device)
+    ctx = distributed.configure(cfg.train.distributed)
+    device = run_device(cfg)
+    model = build.model(cfg, data.vocab_size).to(device)
     trainer = make_trainer(cfg, model.vocab_size)  # a pretrained embedding may have more rows than the data's ids
+    trainer.device = torch.device(device)
     if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
         for block in model.layers:
             block.compile()
-    optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
-    out = RunOutput(cfg, output_dir, data)
+    out = RunOutput(cfg, output_dir, data, ctx)
     stopping = EarlyStoppingState()
     ckpt = resume_checkpoint(cfg, output_dir, strategy)
     if ckpt is not None:
         check_architecture(ckpt, out.path, architecture(model))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # before sharding: every rank loads the full weights
+    if ctx.enabled:
+        trainer.loss_module = wrap(
+            LossModule(trainer, model), ctx, trainer.device, list(model.layers), find_unused(trainer, model)
+        )
+        out.root = trainer.loss_module
+    optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    if ckpt is not None:
         stopping = trainer.restore_training_state(ckpt["train_state"], optimizer)
-        log.info("resumed from %s after epoch %d", out.path, len(stopping.history))
+        log.info("resumed from %s after evaluation %d (step %d)", out.path, len(stopping.history), trainer.step)
+    log.info("model: %d layers, dim %d, %d parameters", model.num_layers, model.dim, model.num_parameters())
+    train_batches = data.train.shard(ctx.rank, ctx.world_size) if ctx.enabled else data.train
+    loggers = build_loggers(cfg, output_dir, ctx.rank)
+    loggers.log_config(out.config)
+    if loggers:
+        trainer.on_step = lambda record: loggers.log_metrics(
+            {k: v for k, v in record.items() if k != "step"}, record["step"]
+        )
 
     def train_state(stopping: EarlyStoppingState, completed: bool) -> dict[str, Any]:
         return {**trainer.training_state(optimizer, stopping, completed), "strategy": strategy}
 
     def on_epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
-        out.epoch_end(model, train_state(stopping, completed=False), epoch, stopping.history[-1])
+        row = stopping.history[-1]
+        out.epoch_end(model, train_state(stopping, completed=False), epoch, row)
+        loggers.log_metrics(eval_record(row), trainer.step)
 
-    result = trainer.train_with_early_stopping(
-        model, data.train, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True, cfg.train.monitor,
-        state=stopping, on_epoch_end=on_epoch_end,
-    )  # fmt: skip
-    metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
-    extra: dict[str, Any] = {}
-    if strategy == "token_routed":
-        routes = [row["route"] for row in result["history"]]
-        best = result["best_epoch"]
-        config = trainer.config
-        metrics["strategy"] = {
-            "name": "token_routed",
-            "exit_layer": config.exit_layers[0],
-            "threshold": config.routing_thresholds[0],
-            "confidence": config.confidence,
-            "min_route_fraction": trainer.min_route_fraction,
-            "routes": [{"epoch": i, **row} for i, row in enumerate(routes, start=1)],
-            "best_epoch_route": routes[best - 1] if best >= 1 else None,
-            "final": headline(metrics),
-        }
-        extra["strategy"] = {"name": "token_routed", "exit_layer": config.exit_layers[0]}
-    out.finish(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
+    status = "failed"
+    try:
+        result = trainer.train_with_early_stopping(
+            model, train_batches, data.val, optimizer, cfg.train.max_epochs, cfg.train.patience, True,
+            cfg.train.monitor, state=stopping, on_epoch_end=on_epoch_end, max_steps=cfg.train.max_steps,
+            eval_every=cfg.train.eval_every, eval_batches=cfg.train.eval_batches,
+        )  # fmt: skip
+        metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
+        metrics["training"] = training_summary(cfg, trainer, result, ctx)
+        extra: dict[str, Any] = {}
+        if strategy == "token_routed":
+            metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
+        out.finish(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
+        loggers.log_metrics({f"final/{key}": metrics[key] for key in HEADLINE}, trainer.step)
+        status = "ok"
+    except StopRequested:
+        status = "interrupted"
+        if trainer.interrupted_state() is not None:  # stopped between two training steps: save that point
+            out.save(model, train_state(stopping, completed=False))
+            log.info("checkpoint at step %d written to %s", trainer.step, out.path)
+        raise
+    finally:
+        loggers.close(status)
     return metrics
+
+
+def eval_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row's evaluation as logger metrics (val/ppl, val/loss, ...)."""
+    keys = ("val_loss", "val_ppl", "val_acc", "shallow_ratio", "compute_cost", "train_loss")
+    record = {key.replace("val_", "val/") if key.startswith("val_") else f"val/{key}": row[key] for key in keys}
+    record["train/epoch_loss"] = record.pop("val/train_loss")
+    record["epoch"] = row.get("data_epoch", row["epoch"])
+    return record
+
+
+def training_summary(cfg: DictConfig, trainer: Trainer, result: dict[str, Any], ctx: DistContext) -> dict[str, Any]:
+    """How the run was trained: steps taken, the effective batch, precision, processes, the LR schedule."""
+    summary = {
+        "by": "steps" if cfg.train.max_steps is not None else "epochs",
+        "steps_run": trainer.step,
+        "grad_accum": trainer.grad_accum,
+        "global_batch": cfg.train.batch_size * trainer.grad_accum,
+        "precision": trainer.precision.name,
+        "world_size": ctx.world_size,
+        "distributed": ctx.kind if ctx.enabled else None,
+        "lr_schedule": {
+            "kind": cfg.train.lr_schedule,
+            "warmup_steps": cfg.train.warmup_steps,
+            "min_lr": cfg.train.min_lr,
+            "total_steps": trainer.lr_schedule.total_steps if trainer.lr_schedule is not None else None,
+        },
+    }
+    if "best_step" in result:
+        summary.update(best_step=result["best_step"], max_steps=cfg.train.max_steps)
+    return summary
+
+
+def token_routed_summary(trainer: Trainer, result: dict[str, Any], metrics: dict[str, Any]) -> tuple[dict, dict]:
+    routes = [row["route"] for row in result["history"]]
+    best = result["best_epoch"]
+    config = trainer.config
+    summary = {
+        "name": "token_routed",
+        "exit_layer": config.exit_layers[0],
+        "threshold": config.routing_thresholds[0],
+        "confidence": config.confidence,
+        "min_route_fraction": trainer.min_route_fraction,
+        "routes": [{"epoch": i, **row} for i, row in enumerate(routes, start=1)],
+        "best_epoch_route": routes[best - 1] if best >= 1 else None,
+        "final": headline(metrics),
+    }
+    return summary, {"name": "token_routed", "exit_layer": config.exit_layers[0]}
 
 
 # --- strategy=ashem --------------------------------------------------------------------------------------------
@@ -394,6 +505,11 @@ STRATEGY_RUNS: dict[str, Callable[[DictConfig, DataBundle, Path], dict[str, Any]
 def validate(cfg: DictConfig) -> None:
     """Every check of the training settings that can run before data is read."""
     name = cfg.strategy.name
+    check_precision(cfg.train.precision, cfg.device)
+    check_setup(cfg.train.distributed, cfg.train.batch_size, distributed.env_world_size(), name)
+    if name == "ashem" and (cfg.train.max_steps is not None or cfg.train.grad_accum != 1):
+        key = "max_steps" if cfg.train.max_steps is not None else "grad_accum"
+        raise ValueError(f"train.{key}: ashem trains each phase by epochs with one batch per step; leave it unset")
     if name == "standard":
         build.training_config(cfg)
     elif name == "token_routed":
@@ -402,9 +518,15 @@ def validate(cfg: DictConfig) -> None:
     elif name == "ashem":
         validate_ashem(cfg)
     build.run_callbacks(cfg)
+    check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
 
 
 def train_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """task=train: load data, then train with the configured strategy."""
+    ctx = distributed.current()
+    if ctx.enabled and not ctx.is_main:  # rank 0 tokenizes (data=files) and fills the cache; the others read it
+        ctx.barrier()
     data = build_data(build.data_config(cfg), seed=cfg.seed)
+    if ctx.enabled and ctx.is_main:
+        ctx.barrier()
     return STRATEGY_RUNS[cfg.strategy.name](cfg, data, output_dir)

@@ -71,7 +71,18 @@ def build_data(cfg: DataConfig, seed: int = 0, tokenizer: Tokenizer | None = Non
     Raises:
         ValueError: Missing or unreadable data, or sizes the data cannot fill.
     """
-    if cfg.name == "synthetic":
+    if cfg.name == "files":
+        from .files import load_corpus
+
+        corpus = load_corpus(
+            cfg,
+            lambda sample: build_tokenizer(cfg.tokenizer, cfg.vocab_size, sample, path=cfg.tokenizer_path),
+            tokenizer,
+        )
+        tokenizer = corpus.tokenizer
+        train_ids, val_ids, test_ids = corpus.ids["train"], corpus.ids["val"], corpus.ids.get("test")
+        source = corpus.source
+    elif cfg.name == "synthetic":
         ids = make_synthetic_corpus(
             cfg.synthetic_tokens, cfg.synthetic_vocab_size, cfg.synthetic_deterministic_fraction, seed
         )

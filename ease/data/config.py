@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from os import PathLike
 
-DATASETS = ("wikitext2", "synthetic")
+DATASETS = ("wikitext2", "synthetic", "files")
 TOKENIZERS = ("word", "char", "bpe", "hf")
 SPLITS = ("train", "valid", "test")
 # A byte-level BPE always holds the 256 byte symbols, so a smaller vocabulary cannot be honoured.
@@ -85,6 +85,18 @@ class DataConfig:
     """Vocabulary of the generated stream."""
     synthetic_deterministic_fraction: float = 0.5
     """Share of generated positions fully determined by the previous token (the "easy" ones)."""
+    paths: list[str] | None = None
+    """``files`` only: the training corpus, file paths or globs (``**`` recursive) of .txt / .jsonl / .parquet."""
+    val_paths: list[str] | None = None
+    """``files``: validation files; None holds out ``val_fraction`` of the training documents instead."""
+    test_paths: list[str] | None = None
+    """``files``: test files (optional)."""
+    text_field: str = "text"
+    """``files``: the column / JSON key holding each document's text (JSON lines and parquet)."""
+    num_proc: int = 1
+    """``files``: processes tokenizing the corpus."""
+    cache_dir: str | None = None
+    """``files``: where token files are cached (None: ~/.cache/ease/tokens; conf/data/files.yaml: outputs/cache)."""
 
     def __post_init__(self) -> None:
         """Normalise Hydra lists to tuples and reject values the data pipeline cannot honour."""
@@ -116,3 +128,16 @@ class DataConfig:
         _check_fraction(
             "synthetic_deterministic_fraction", self.synthetic_deterministic_fraction, 0.0, 1.0, low_open=False
         )
+        for field in ("paths", "val_paths", "test_paths"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            value = [value] if isinstance(value, str) else list(value)
+            if not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"data.{field}: must be a list of file paths or globs, got {value!r}")
+            setattr(self, field, value)
+        if self.name == "files" and not self.paths:
+            raise ValueError("data.paths: data=files needs the corpus files, e.g. 'data.paths=[corpus/*.jsonl]'")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"data.text_field: must be a column name, got {self.text_field!r}")
+        _check_int("num_proc", self.num_proc, 1)

@@ -134,11 +134,13 @@ class TokenRoutedTrainer(Trainer):
         min_route_fraction: float = 0.05,
         total_epochs: int | None = None,
         progress: bool = False,
+        **steps: Any,
     ) -> None:
+        """`steps`: Trainer's grad_accum, precision, lr_schedule and dist."""
         check_single_route(config.exit_layers, config.routing_thresholds)
         if config.alpha_schedule is not None:
             raise ValueError("alpha_schedule: token-routed training has no α; remove the schedule")
-        super().__init__(config, vocab_size, device, grad_clip, total_epochs, progress)
+        super().__init__(config, vocab_size, device, grad_clip, total_epochs, progress, **steps)
         self.min_route_fraction = check_min_route_fraction(min_route_fraction)
 
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:

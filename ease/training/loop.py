@@ -79,7 +79,7 @@ def fit(
             break
         t_epoch = time.perf_counter()
         outcome = train_epoch(epoch)
-        seconds = time.perf_counter() - t_epoch
+        seconds = time.perf_counter() - t_epoch + outcome.row.pop("resumed_seconds", 0.0)
         val = validate()
         improved = math.isfinite(val.metric) and val.metric < state.best_metric - min_delta
         number = first_epoch + epoch
