@@ -44,6 +44,7 @@ def test_signal_stops_cleanly_and_resume_matches_an_uninterrupted_run(tmp_path, 
     assert strip_timing(record(stopped)["metrics"]) == strip_timing(record(full)["metrics"])
 
 
+@pytest.mark.slow
 def test_a_stop_by_steps_resumes_mid_interval(tmp_path) -> None:
     args = [*RUN, "train.max_steps=12", "train.eval_every=5", "train.grad_accum=2", "train.lr_schedule=linear"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
