@@ -1,21 +1,30 @@
 """EASE's standard-LM training step against nanoGPT's, at equal dims, batch and optimizer, interleaved.
 
     python benchmarks/nanogpt.py            # dims 64 and 256, one thread; writes benchmarks/nanogpt.json/.md
+    python -m benchmarks.nanogpt '{"dim": 64, "chunks": 8, "steps": 10}'   # one width, one JSON line (run.py)
 
-nanoGPT's `model.py` is re-implemented here for the comparison only (GPT: learned positions, LayerNorm without
-bias, causal SDPA attention, 4×GELU MLP, tied head; AdamW as its `configure_optimizers` builds it on CPU, i.e.
-not fused). EASE runs its public path: `Trainer.train_steps` on the native `EarlyExitTransformer` with the
-standard-LM config (loss on the last layer), `Trainer.create_optimizer` (AdamW, one group per layer),
-gradient clipping at 1.0 for both. The two differ in architecture as the projects do: EASE has RMSNorm,
-rotary positions and a SwiGLU sized to the 4× MLP's parameters (`ease/model`). Steps alternate in chunks
-of 10; the figure is the median step time of each over 6 chunks, after warm-up. This is a measurement only:
-no kernel work has been done on the EASE side yet.
+nanoGPT's `model.py` is re-implemented here for the comparison only (GPT: learned positions, LayerNorm and
+Linear without bias (`bias=False`, its smaller and faster setting), causal SDPA attention, 4×GELU MLP, dropout
+modules at p=0, tied head, `ignore_index=-1`), and its optimizer as `configure_optimizers` builds it: AdamW with
+a decay group (2-D weights) and a no-decay group, fused only on CUDA, so the for-loop AdamW on CPU. EASE runs
+its public path: `Trainer.train_steps` on the native `EarlyExitTransformer` with the standard-LM config (loss on
+the last layer) and `Trainer.create_optimizer` (AdamW, one group per layer), gradient clipping at 1.0 for both,
+weight decay 0 for both (EASE's default). A third series, `ease_fused_adamw`, is the same EASE trainer with
+`create_optimizer(..., fused=True)`: PyTorch's fused AdamW, which nanoGPT's own code would not pick on CPU.
+
+The two differ in architecture as the projects do: EASE has RMSNorm, rotary positions, a SwiGLU sized to the
+4× MLP's parameters and an untied head (`ease/model`). The three series alternate in chunks of `steps` steps
+after warm-up; each figure is the median chunk.
 """
 
 import json
+import math
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,30 +36,58 @@ from ease.model import EarlyExitTransformer
 from ease.training import Trainer
 
 OUT = Path(__file__).resolve().parent
+DEFAULTS = {"layers": 3, "heads": 4, "vocab": 1000, "seq": 64, "batch": 32, "chunks": 8, "steps": 10}
+
+# --- nanoGPT's model.py, re-implemented -------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = False
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(dim, 3 * dim, bias=False)
-        self.c_proj = nn.Linear(dim, dim, bias=False)
-        self.heads = heads
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, bias=False)
-        self.attn = CausalSelfAttention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False))
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -58,80 +95,143 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq_len: int) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(vocab, dim)
-        self.wpe = nn.Embedding(seq_len, dim)
-        self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim, bias=False)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-        self.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.block_size, config.n_embd),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.h:
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = idx.shape[1]
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos))
+        for block in tr.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        logits = self.lm_head(tr.ln_f(x))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple, device_type: str):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        use_fused = device_type == "cuda"  # nanoGPT: fused where available and on CUDA
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
 
 
-def compare(dim: int, layers: int, heads: int, vocab: int = 1000, seq: int = 64, batch: int = 32,
-            chunks: int = 6, steps: int = 10) -> dict:  # fmt: skip
+# --- the interleaved comparison ---------------------------------------------------------------------------
+
+
+def compare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Median step time of EASE, EASE with fused AdamW and nanoGPT, alternating in chunks, at one width."""
+    s = {**DEFAULTS, **spec}
+    dim, layers, heads, vocab, seq, batch = (s[k] for k in ("dim", "layers", "heads", "vocab", "seq", "batch"))
     torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (seq * batch * (chunks * steps + 2) + 1,))
+    ids = torch.randint(0, vocab, (seq * batch * 40 + 1,))
     batches = TokenBatches(ids, seq_len=seq, batch_size=batch, shuffle=True, seed=0)
-    ease = EarlyExitTransformer(vocab, dim, layers, num_heads=heads)
-    trainer = Trainer(create_standard_config(layers), vocab, grad_clip=1.0)
-    ease_opt = trainer.create_optimizer(ease, 1e-3)
-    gpt = GPT(vocab, dim, layers, heads, seq)
-    gpt_opt = torch.optim.AdamW(gpt.parameters(), lr=1e-3, weight_decay=0.0)
 
-    def gpt_steps(n: int) -> None:
+    def ease_runner(**adamw: Any) -> tuple[Any, nn.Module]:
+        torch.manual_seed(0)
+        model = EarlyExitTransformer(vocab, dim, layers, num_heads=heads)
+        trainer = Trainer(create_standard_config(layers), vocab, grad_clip=1.0)
+        optimizer = trainer.create_optimizer(model, 1e-3, 0.0, **adamw)
+        trainer.total_steps = 10**9
+
+        def run(n: int) -> None:
+            trainer.train_steps(model, batches, optimizer, trainer.step + n)
+
+        return run, model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=seq, vocab_size=vocab, n_layer=layers, n_head=heads, n_embd=dim))
+    gpt_opt = gpt.configure_optimizers(0.0, 1e-3, (0.9, 0.999), "cpu")  # EASE's betas and weight decay
+    gpt.train()
+
+    def gpt_steps(n: int) -> None:  # nanoGPT's train.py step, fp32 on CPU (its GradScaler is disabled there)
         for b in range(n):
             x, y = batches.batch(0, b % len(batches))
-            loss = gpt(x, y)
-            gpt_opt.zero_grad(set_to_none=True)
+            _, loss = gpt(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
             gpt_opt.step()
+            gpt_opt.zero_grad(set_to_none=True)
             loss.item()
 
-    def ease_steps(n: int) -> None:
-        trainer.total_steps = 10**9
-        trainer.train_steps(ease, batches, ease_opt, trainer.step + n)
-
-    ease_steps(3)
-    gpt_steps(3)  # warm-up
-    times = {"ease": [], "nanogpt": []}
-    for _ in range(chunks):
-        for name, run in (("ease", ease_steps), ("nanogpt", gpt_steps)):
+    ease_steps, ease = ease_runner()
+    fused_steps, _ = ease_runner(fused=True)
+    runs = {"ease": ease_steps, "ease_fused_adamw": fused_steps, "nanogpt": gpt_steps}
+    for run in runs.values():
+        run(3)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(s["chunks"]):
+        for name, run in runs.items():
             t0 = time.perf_counter()
-            run(steps)
-            times[name].append((time.perf_counter() - t0) / steps)
-    ease_s, gpt_s = statistics.median(times["ease"]), statistics.median(times["nanogpt"])
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+            run(s["steps"])
+            times[name].append((time.perf_counter() - t0) / s["steps"])
+    step = {name: statistics.median(t) for name, t in times.items()}
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (tied weights counted once)
     return {
-        "dim": dim, "layers": layers, "heads": heads, "batch": batch, "seq_len": seq,
-        "ease_tokens_per_s": batch * seq / ease_s, "nanogpt_tokens_per_s": batch * seq / gpt_s,
-        "ratio": gpt_s / ease_s, "ease_parameters": count(ease), "nanogpt_parameters": count(gpt),
+        "dim": dim, "layers": layers, "heads": heads, "batch": batch, "seq_len": seq, "vocab_size": vocab,
+        "chunks": s["chunks"], "steps_per_chunk": s["steps"], "threads": torch.get_num_threads(),
+        **{f"{name}_tokens_per_s": batch * seq / sec for name, sec in step.items()},
+        "ratio": step["nanogpt"] / step["ease"],
+        "ratio_fused_adamw": step["nanogpt"] / step["ease_fused_adamw"],
+        "ease_parameters": count(ease), "nanogpt_parameters": count(gpt),
     }  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| dim | EASE tokens/s | EASE + fused AdamW | nanoGPT tokens/s | EASE / nanoGPT | with fused AdamW | "
+        "params EASE / nanoGPT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dim']} | {r['ease_tokens_per_s']:.0f} | {r['ease_fused_adamw_tokens_per_s']:.0f} | "
+            f"{r['nanogpt_tokens_per_s']:.0f} | {r['ratio']:.2f} | {r['ratio_fused_adamw']:.2f} | "
+            f"{r['ease_parameters']} / {r['nanogpt_parameters']} |"
+        )
+    return lines
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    rows = [compare(64, 3, 4), compare(256, 3, 4)]
+    rows = [compare({"dim": 64}), compare({"dim": 256, "chunks": 6, "steps": 5})]
     result = {"threads": 1, "rows": rows, **{f"over_nanogpt_dim{r['dim']}": r["ratio"] for r in rows}}
     (OUT / "nanogpt.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Training step: EASE standard LM vs nanoGPT (re-implemented), one thread", "",
-             "`python benchmarks/nanogpt.py`: 3 layers, 4 heads, vocab 1000, seq 64, batch 32, AdamW lr 1e-3, clip 1.0",
-             "", "| dim | EASE tokens/s | nanoGPT tokens/s | EASE / nanoGPT | params EASE / nanoGPT |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['dim']} | {r['ease_tokens_per_s']:.0f} | {r['nanogpt_tokens_per_s']:.0f} | "
-                     f"{r['ratio']:.2f} | {r['ease_parameters']} / {r['nanogpt_parameters']} |")  # fmt: skip
+             "`python benchmarks/nanogpt.py`: 3 layers, 4 heads, vocab 1000, seq 64, batch 32, AdamW lr 1e-3, "
+             "weight decay 0, clip 1.0", "", *table(rows)]  # fmt: skip
     (OUT / "nanogpt.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:  # worker mode (benchmarks/run.py): one width, one JSON line
+        spec = json.loads(sys.argv[1])
+        torch.set_num_threads(spec.get("threads") or 1)
+        print(json.dumps(compare(spec)))
+    else:
+        main()

@@ -11,7 +11,9 @@ Writes benchmarks/results.json and benchmarks/results.md and prints the tables:
   (c) generation tokens/s and speedup over full depth at ~30/50/70% early exits, batch 1 and 8, beside the
       theoretical 1/compute_cost;
   (d) peak training memory per configuration;
-  (e) torch.compile in training and decoding (full run, or --compile).
+  (e) torch.compile in training and decoding (full run, or --compile);
+  (f) the standard-LM training step against nanoGPT's (re-implemented in benchmarks/nanogpt.py), interleaved
+      in one process per width: training.over_nanogpt_dim64 / _dim256 (target >= 1.0).
 The three target figures are checked and reported as measured (never clamped):
   generation.speedup_over_theoretical_b1 >= 0.8, training.deep_supervision_time_over_flop_ratio <= 1.1,
   evaluation.threshold_k10_over_k1 <= 1.2.
@@ -52,6 +54,8 @@ TARGETS = (
     ("generation.speedup_over_theoretical_b1", ">=", 0.8),
     ("training.deep_supervision_time_over_flop_ratio", "<=", 1.1),
     ("evaluation.threshold_k10_over_k1", "<=", 1.2),
+    ("training.over_nanogpt_dim64", ">=", 1.0),
+    ("training.over_nanogpt_dim256", ">=", 1.0),
 )
 
 
@@ -73,8 +77,16 @@ def run_training(steps: int, warmup: int, threads: int | None) -> dict[str, Any]
         row["achieved_gflops"] = row["tokens_per_s"] * row["flops_per_token"] / 1e9
     ds = by_key[("deep_supervision", SEED_SIZE["dim"])]
     s = SEED_SIZE
+    nanogpt = []
+    for dim in (SEED_SIZE["dim"], WIDE):  # (f): one process per width, the three series interleaved in it
+        print(f"  training: EASE vs nanoGPT, dim {dim}", flush=True)
+        chunks, per_chunk = (4, 5) if steps < 30 else ((8, 10) if dim == SEED_SIZE["dim"] else (6, 5))
+        nanogpt.append(run_worker("nanogpt", {"dim": dim, "chunks": chunks, "steps": per_chunk, "threads": threads}))
     return {
         "rows": rows,
+        "nanogpt": nanogpt,
+        **{f"over_nanogpt_dim{r['dim']}": r["ratio"] for r in nanogpt},
+        **{f"over_nanogpt_dim{r['dim']}_fused_adamw": r["ratio_fused_adamw"] for r in nanogpt},
         "flop_check": check_against_torch(s["dim"], s["num_layers"], s["vocab_size"], s["seq_len"], heads=3),
         "deep_supervision_time_over_flop_ratio": ds["time_over_flop_ratio"],
         "deep_supervision_time_over_flop_ratio_wide": by_key[("deep_supervision", WIDE)]["time_over_flop_ratio"],
@@ -117,6 +129,15 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[list[Any]], lis
             ("training", "(a) Training throughput (time and FLOP ratios vs standard at the same width)", rows,
              ["method", "dim", "heads", "tokens/s", "time ratio", "FLOP ratio", "time/FLOP", "GFLOP/s"])
         )  # fmt: skip
+        if tr.get("nanogpt"):
+            rows = [
+                [r["dim"], r["ease_tokens_per_s"], r["ease_fused_adamw_tokens_per_s"], r["nanogpt_tokens_per_s"],
+                 r["ratio"], r["ratio_fused_adamw"], r["ease_parameters"], r["nanogpt_parameters"]]
+                for r in tr["nanogpt"]
+            ]  # fmt: skip
+            out.append(("nanogpt", "(f) Standard-LM training step vs nanoGPT (interleaved, median chunk)", rows,
+                        ["dim", "EASE tokens/s", "EASE + fused AdamW", "nanoGPT tokens/s", "EASE/nanoGPT",
+                         "with fused AdamW", "EASE params", "nanoGPT params"]))  # fmt: skip
         mem = [[r["method"], r["dim"], r["train_peak_mb"], r["peak_rss_mb"]] for r in tr["rows"]]
         out.append(("memory", "(d) Peak training memory (resident set)", mem,
                     ["method", "dim", "training peak (MB above setup)", "process peak RSS (MB)"]))  # fmt: skip

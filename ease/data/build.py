@@ -22,10 +22,11 @@ class DataBundle:
     Attributes:
         train: Training batches (shuffled per epoch if the config says so).
         val: Validation batches, never shuffled.
-        test: Test batches (WikiText-2's test file when it is not the source), else None.
+        test: Test batches (WikiText-2's test file when it is not the source, or ``data.test_paths``), else None.
         tokenizer: The tokenizer fitted on the training text (or the pretrained one, for ``tokenizer=hf``).
         vocab_size: The tokenizer's actual vocabulary size: size the model's embedding with this.
-        source: Path of the text file used, or ``"synthetic"``.
+        source: Path of the text file used, ``"synthetic"``, or for ``files`` ``"files: N KIND file(s) from FIRST,
+            cache KEY"`` (the token cache folder under ``data.cache_dir``).
         num_train_tokens: Token ids in the train part (before cutting into windows).
         num_val_tokens: Token ids in the val part.
     """

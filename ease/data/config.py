@@ -52,7 +52,8 @@ class DataConfig:
     """
 
     name: str = "wikitext2"
-    """Corpus: ``"wikitext2"`` (local WikiText-2 files) or ``"synthetic"`` (generated, controlled difficulty)."""
+    """Corpus: ``"wikitext2"`` (local WikiText-2 files), ``"synthetic"`` (generated, controlled difficulty) or
+    ``"files"`` (your own text / JSON lines / parquet files, ``paths``, tokenized once into a memory-mapped cache)."""
     data_dir: str | None = None
     """Folder holding ``wiki.{train,valid,test}.tokens``; None falls back to $EASE_DATA_DIR, then default folders."""
     split: str = "train"
@@ -60,7 +61,8 @@ class DataConfig:
     fallback_splits: tuple[str, ...] = ("valid", "test")
     """Splits tried in order when ``split`` is absent (e.g. no train file offline); a warning names the one used."""
     max_chars: int | None = 200_000
-    """Characters of the split file to use, cut at a whitespace; None uses the whole file."""
+    """Characters of the split file to use, cut at a whitespace; None uses the whole file. For ``files``: the
+    characters of the first training documents that word/char/bpe are fitted on (the whole corpus is used)."""
     tokenizer: str = "word"
     """``"word"`` (top words + ``<unk>`` + ``<eos>``), ``"char"``, ``"bpe"`` (byte-level, trained locally), or
     ``"hf"`` (a pretrained Hugging Face tokenizer from ``tokenizer_path``, not fitted)."""
@@ -74,7 +76,8 @@ class DataConfig:
     batch_size: int = 32
     """Sequences per batch."""
     val_fraction: float = 0.1
-    """Trailing share of the text held out for validation (contiguous, never shuffled)."""
+    """Share held out for validation, never shuffled: the trailing text (wikitext2, synthetic), or for ``files``
+    without ``val_paths`` the documents whose index hashes below it."""
     shuffle: bool = True
     """Shuffle the order of training windows each epoch (deterministic given seed and epoch)."""
     drop_last: bool = False
@@ -118,7 +121,7 @@ class DataConfig:
         if self.max_chars is not None:
             _check_int("max_chars", self.max_chars, 1)
         _check_int("vocab_size", self.vocab_size, 2)
-        if self.name == "wikitext2" and self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
+        if self.name in ("wikitext2", "files") and self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"data.vocab_size: must be >= {MIN_BPE_VOCAB} for tokenizer bpe, got {self.vocab_size}")
         _check_int("seq_len", self.seq_len, 1)
         _check_int("batch_size", self.batch_size, 1)
