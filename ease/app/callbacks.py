@@ -61,10 +61,13 @@ class OptunaStudyCallback(Callback):
         storage = OmegaConf.select(sweeper, "storage")
         if not storage:
             return
-        from ease.app.studies import ensure_storage, fail_stale_trials
+        from ease.app.studies import ensure_storage, fail_stale_trials, open_storage
 
         storage = str(storage)
         ensure_storage(storage)
+        # Create the schema here, retrying while a sibling worker creates it, so the sweeper's own open finds it
+        # complete (several workers started together on a fresh database otherwise race in Optuna's create_all).
+        open_storage(storage)
         study_name = OmegaConf.select(sweeper, "study_name")
         if not study_name:
             return

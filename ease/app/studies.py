@@ -13,6 +13,7 @@ URL, its password hidden, before the sweeper creates a database.
 
 import logging
 import os
+import random
 import re
 import time
 import warnings
@@ -114,11 +115,33 @@ def ensure_storage(url: str, study_name: str | None = None) -> None:
         _refuse(f"hydra.sweeper.storage: cannot open {shown}: {path if path.exists() else path.parent} is not writable")
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage:
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as err:  # drivers raise many kinds; the user needs the URL and the reason on one line
-        _refuse(f"hydra.sweeper.storage: cannot open {safe_url(url)}: {_reason(err)}")
+# What a database says when another process is creating Optuna's schema at the same moment (SQLite, PostgreSQL,
+# MySQL): the tables, their types or the alembic version row appear between our check and our CREATE/INSERT.
+_SCHEMA_RACE = re.compile(
+    r"already exists|UNIQUE constraint failed|duplicate key|UniqueViolation|DuplicateTable|Duplicate entry"
+    r"|database is locked",
+    re.IGNORECASE,
+)
+SCHEMA_RETRIES = 8
+
+
+def open_storage(url: str, retries: int = SCHEMA_RETRIES) -> optuna.storages.RDBStorage:
+    """`RDBStorage(url)`, retried while another process is creating the same database's schema.
+
+    Several sweep workers started together on a fresh database all run Optuna's `create_all` and version insert;
+    all but one can fail on a table, type or row the winner made a moment before. Each retry waits a little longer
+    (with jitter, so the losers do not collide again); once the schema is complete, opening it creates nothing.
+    Any other error, or a race that outlasts the retries, is one line naming `hydra.sweeper.storage`.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as err:  # drivers raise many kinds; the user needs the URL and the reason on one line
+            if attempt < retries and _SCHEMA_RACE.search(str(err)):
+                time.sleep(0.05 * 2**attempt * (1.0 + random.random()))
+                continue
+            _refuse(f"hydra.sweeper.storage: cannot open {safe_url(url)}: {_reason(err)}")
+    raise AssertionError("unreachable")
 
 
 def study_trials(url: str, study_name: str) -> list[FrozenTrial]:
@@ -127,7 +150,7 @@ def study_trials(url: str, study_name: str) -> list[FrozenTrial]:
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         return []
-    storage = _storage(url)
+    storage = open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
@@ -148,7 +171,7 @@ def fail_stale_trials(url: str, study_name: str, older_than_s: float = 0.0) -> l
     if older_than_s < 0:
         raise ValueError(f"stale_after_s: must be >= 0, got {older_than_s}")
     check_study_name(study_name)
-    storage = _storage(url)
+    storage = open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
