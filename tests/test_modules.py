@@ -17,7 +17,9 @@ from ease.model import (
     TransformerBlock,
     apply_rotary,
 )
-from ease.model.attention import KVCache
+from ease.model.attention import KVCache, rotary_heads
+from ease.model.ffn import _GatedSiLU
+from ease.model.norm import _RMSNormFunction
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -247,3 +249,76 @@ def test_project_kv_matches_the_keys_and_values_attention_caches():
     k, v = attn.project_kv(x, *rope(0, 5))
     assert_close(k, cache.k)
     assert_close(v, cache.v)
+
+
+# --- Hand-written backwards (RMSNorm, RoPE on q/k, SwiGLU's gate) against autograd on the plain formulas ---------
+# The model's three autograd.Functions must give the plain formulas' values and gradients: bit for bit in float32
+# (so that the seeds' presets keep their exact numbers), to bf16 rounding in bfloat16.
+
+
+def _plain_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+def _plain_rotary_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int) -> tuple:
+    B, T, C3 = qkv.shape
+    heads = [t.view(B, T, nh, C3 // 3 // nh).transpose(1, 2) for t in qkv.split(C3 // 3, dim=-1)]
+    return apply_rotary(heads[0], cos, sin), apply_rotary(heads[1], cos, sin), heads[2]
+
+
+def _plain_swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _grads(fn, inputs: list[torch.Tensor], seed: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs of fn(*inputs) and the gradients of a random projection of them, with a residual path on input 0
+    (as in a block, where the norm's input gradient adds to the residual's)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs) + leaves[0].float().sum() * 0.5
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_values_and_gradients_equal_autograd_on_the_formula(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    norm = _randomize(RMSNorm(24, eps=1e-6))
+    x, w = (torch.randn(3, 7, 24) * 2.0).to(dtype), norm.weight.detach().clone()
+    got = _grads(lambda x, w: _RMSNormFunction.apply(x, x, w, 1e-6), [x, w])
+    want = _grads(lambda x, w: _plain_rmsnorm(x, w, 1e-6), [x, w])
+    _assert_same(got, want, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    assert torch.equal(norm(x.float()), _plain_rmsnorm(x.float(), w, 1e-6))  # the module uses the function
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_heads_values_and_gradients_equal_split_then_apply_rotary(dtype: torch.dtype) -> None:
+    nh, hd, T = 3, 8, 6
+    cos, sin = RotaryEmbedding(hd)(5, T)  # positions 5..10
+    qkv = torch.randn(2, T, 3 * nh * hd).to(dtype)
+    got = _grads(lambda t: rotary_heads(t, cos, sin, nh), [qkv])
+    want = _grads(lambda t: _plain_rotary_heads(t, cos, sin, nh), [qkv])
+    _assert_same(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gate_values_and_gradients_equal_autograd_on_the_formula(dtype: torch.dtype) -> None:
+    h = (torch.randn(2, 5, 2 * 12) * 2.0).to(dtype)
+    got = _grads(lambda t: _GatedSiLU.apply(t), [h])
+    want = _grads(_plain_swiglu, [h])
+    _assert_same(got, want, dtype)
+
+
+def _assert_same(got: tuple, want: tuple, dtype: torch.dtype) -> None:
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if dtype == torch.float32:
+            assert torch.equal(a, b), (a - b).abs().max()
+        else:  # one bf16 rounding apart at most
+            assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)
