@@ -5,8 +5,9 @@
 
 The handler only records the request; `check_stop` raises `StopRequested` at the next safe point, so no step
 is cut in half and no file is left half-written. A second signal of the same kind while the first is pending
-stops at once (the default action), for a run stuck outside the loops. The last completed epoch's checkpoint is
-what a resume continues from.
+stops at once (the default action), for a run stuck outside the loops. Training loops that catch the stop between
+two steps save a checkpoint at that step (Trainer, ASHEM's phases); after a stop during an evaluation, the last
+evaluation's checkpoint is what a resume continues from.
 """
 
 import signal

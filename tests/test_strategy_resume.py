@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, strip_timing, train_py
-from killswitch import Interrupted, interrupt_after, kill_after
+from killswitch import Interrupted, interrupt_after, kill_after, signal_after
 
 from ease.app.runner import run
 from ease.checkpoint import load_checkpoint
+from ease.stop import StopRequested
 
 # 6 epochs: phase 1 runs into max_epochs with its last epoch not improving (so the best one is restored),
 # phase 2 stops early after 2 of 4 epochs. Dropout and several batches per epoch make the restored RNG state
@@ -80,6 +81,30 @@ def test_ashem_sigkill_in_each_phase_then_resume_matches_uninterrupted_run(
     routing = ["routing=confidence", "routing.exit_layer=2", f"routing.threshold={threshold!r}"]
     scored = metrics(["task=eval", f"checkpoint={out}", *routing], tmp_path / "eval")
     assert (scored["ppl"], scored["shallow_ratio"]) == (full["ppl"], full["shallow_ratio"])
+
+
+def test_ashem_stopped_by_a_signal_mid_epoch_resumes_from_that_step(tmp_path: Path) -> None:
+    """SIGTERM right after epoch e's checkpoint stops the run at its next safe point: one step into phase 1's
+    epoch 2 (e=1), phase 1's final evaluation (e=4: no step taken, epoch 4's checkpoint stands), one step into
+    phase 2's second epoch (e=5). The checkpoint is that point; resuming ends with the uninterrupted metrics."""
+    full = metrics(ASHEM, tmp_path / "full")
+    for after, phase, epochs_done in ((1, 1, 1), (4, 1, 4), (5, 2, 1)):
+        out = tmp_path / f"stopped_{after}"
+        with pytest.raises(StopRequested):
+            run(compose([*ASHEM, *signal_after(after)]), out)
+        assert json.loads((out / "metrics.json").read_text())["status"] == "interrupted"
+        state = train_state(out)
+        assert (state["phase"], state["completed"]) == (phase, False)
+        train = state["phase1_train"] if phase == 1 else state["phase2_train"]
+        assert len(train["early_stopping"]["history"]) == epochs_done
+        if after == 4:  # stopped during an evaluation: the epoch's own checkpoint
+            assert train["interval"] is None and state["epoch"] == 4
+        elif phase == 1:  # the Trainer's sums of the unfinished epoch, after its first step
+            assert train["interval"]["steps"] == 1
+        else:  # phase 2: a batch or more of its second epoch (epoch index 1) done
+            assert train["interval"]["epoch"] == 1 and train["interval"]["batches"] >= 1
+            assert train["interval"]["tokens"] > 0
+        assert strip_timing(metrics([*ASHEM, "resume=true"], out)) == strip_timing(full), f"stopped after {after}"
 
 
 # Every epoch with the seed's hard examples from val; with them from train, the epochs where the source

@@ -95,7 +95,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     try:
         with stop_on_signals():
             metrics = run_task(cfg, output_dir)
-    except StopRequested as err:  # SIGTERM / SIGINT: stopped between steps; the last epoch's checkpoint stands
+    except StopRequested as err:  # SIGTERM / SIGINT: stopped between steps, where the checkpoint now stands
         record = make_record("interrupted", cfg.task.name, {}, resolved, overrides, error=str(err), started=started)
         record["signal"] = err.name
         write_record(output_dir, record)
@@ -172,8 +172,8 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
         values = record["objective"]["values"]
     except StopRequested as err:
         folder = hc.runtime.output_dir
-        print(f"error: {err}; checkpoint.pt in {folder} holds the run where it stopped (ASHEM: its last completed "
-              f"epoch): continue with resume=true hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
+        print(f"error: {err}; checkpoint.pt in {folder} holds the run where it stopped: continue with resume=true "
+              f"hydra.run.dir={folder}", file=sys.stderr)  # fmt: skip
         sys.exit(128 + err.signum)
     except Exception as err:
         message = shorten(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")

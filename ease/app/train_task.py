@@ -426,10 +426,14 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
         history = p.state["phase1_train"] if p.phase == 1 else p.state["phase2_train"]
         out.epoch_end(p.model, p.state, p.epoch, history["early_stopping"]["history"][-1])
 
+    def on_stop(p: ASHEMProgress) -> None:  # a stop signal between two steps: save that point
+        out.save(p.model, p.state)
+        log.info("checkpoint at phase %d, epoch %d + a part written to %s", p.phase, p.phase_epoch + 1, out.path)
+
     r = run_ashem(
         config, phase1_model, data.train, data.val, cfg.device, cfg.train.batch_size, cfg.train.weight_decay,
         cfg.train.grad_clip, cfg.train.monitor, list(cfg.routing.analysis_thresholds), cfg.seed, cfg.progress,
-        resume=ckpt, on_epoch_end=on_epoch_end,
+        resume=ckpt, on_epoch_end=on_epoch_end, on_stop=on_stop,
     )  # fmt: skip
 
     metrics = dict(r.final)

@@ -9,6 +9,7 @@ rebuilds them from Block 1's final weights, which the saved state holds (phase1=
 resumed model's own frozen layers 1..k (phase1="skip").
 """
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,9 +22,16 @@ import torch
 from ease.evaluation import Batch
 from ease.model.backbone import Backbone
 from ease.model.surgery import freeze_lower_layers, frozen_groups, params_unchanged
+from ease.stop import StopRequested
 from ease.strategies.ashem.cache import HardExamples, cache_exit_states, confidence_quantile
 from ease.strategies.ashem.config import ASHEMConfig
-from ease.strategies.ashem.phases import Phase2State, evaluate_on_hard_examples, train_phase1, train_phase2
+from ease.strategies.ashem.phases import (
+    EpochSums,
+    Phase2State,
+    evaluate_on_hard_examples,
+    train_phase1,
+    train_phase2,
+)
 from ease.training.state import EarlyStoppingState, rng_state, set_rng_state
 from ease.training.trainer import Trainer
 
@@ -145,6 +153,7 @@ def run_ashem(
     verbose: bool = True,
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[ASHEMProgress], None] | None = None,
+    on_stop: Callable[[ASHEMProgress], None] | None = None,
 ) -> ASHEMResult:
     """The whole seed-002 flow on a fresh `phase1_model` of `config.phase1_layers` layers (or, with
     `config.phase1="skip"`, on a pretrained model of `config.phase2_layers` layers: see below).
@@ -159,7 +168,11 @@ def run_ashem(
 
     Resuming: `on_epoch_end` gets an `ASHEMProgress` after every epoch of either phase; its model weights and
     state passed back as `resume` (a checkpoint dict with "model" and "train_state") carry on from there,
-    with the same result as an uninterrupted run (bit for bit on CPU). A phase-2 resume skips phase 1 and
+    with the same result as an uninterrupted run (bit for bit on CPU). A stop signal (`ease.stop`) that arrives
+    while either phase trains calls `on_stop` with the progress at the last optimizer step (its state holds the
+    unfinished epoch's position and sums) before `StopRequested` propagates; resuming from it carries on from
+    the next step, again bit for bit. A stop during an evaluation calls nothing: the last epoch's progress
+    stands. A phase-2 resume skips phase 1 and
     rebuilds the threshold and hard examples from Block 1's saved final weights (deterministic: eval mode,
     the source batches set to the epoch after phase 1's last); a rebuilt threshold that differs from the
     saved one (other data or settings) is an error. `phase1_model` must be freshly built in both cases.
@@ -192,6 +205,11 @@ def run_ashem(
             state = {"strategy": "ashem", "phase": 1, "epoch": epoch, "completed": False, **state}
             on_epoch_end(ASHEMProgress(1, epoch, epoch, phase1_model, state))
 
+    def phase1_stop(epoch: int, state: dict[str, Any]) -> None:
+        if on_stop is not None:
+            state = {"strategy": "ashem", "phase": 1, "epoch": epoch, "completed": False, **state}
+            on_stop(ASHEMProgress(1, epoch, epoch, phase1_model, state))
+
     if phase == 2:
         # Block 1's final weights: phase 1's saved ones, or (skip) the resumed model's frozen layers 1..k.
         phase1_model.load_state_dict(resume["model"] if skip else saved["phase1_model"])
@@ -201,7 +219,7 @@ def run_ashem(
     else:
         phase1 = train_phase1(
             config, phase1_model, train_batches, val_batches, device, weight_decay, grad_clip, monitor, progress,
-            verbose, resume, phase1_epoch_end,
+            verbose, resume, phase1_epoch_end, phase1_stop,
         )  # fmt: skip
     trained_positions = sum(row["train_tokens"] for row in phase1["history"])
 
@@ -245,7 +263,8 @@ def run_ashem(
         if not skip:  # skip: loaded above, before the cache
             model.load_state_dict(resume["model"])
         optimizer2.load_state_dict(train2["optimizer"])
-        state2 = Phase2State(EarlyStoppingState(**train2["early_stopping"]), train2["before"])
+        interval = EpochSums(**train2["interval"]) if train2.get("interval") else None
+        state2 = Phase2State(EarlyStoppingState(**train2["early_stopping"]), train2["before"], interval)
         set_rng_state(train2["rng"])  # last: building the model above drew from the RNG
 
     def phase2_state(state: Phase2State, completed: bool) -> dict[str, Any]:
@@ -263,6 +282,7 @@ def run_ashem(
                 "rng": rng_state(),
                 "early_stopping": stopping.to_dict(),
                 "before": state.before,
+                "interval": None if state.interval is None else dataclasses.asdict(state.interval),
             },
         }
 
@@ -271,10 +291,16 @@ def run_ashem(
             total = phase1["epochs_run"] + epoch
             on_epoch_end(ASHEMProgress(2, epoch, total, model, phase2_state(state, completed=False)))
 
-    phase2 = train_phase2(
-        model, hard, val_hard, config, optimizer2, batch_size, device, grad_clip, seed, verbose, state2,
-        phase2_epoch_end,
-    )  # fmt: skip
+    try:
+        phase2 = train_phase2(
+            model, hard, val_hard, config, optimizer2, batch_size, device, grad_clip, seed, verbose, state2,
+            phase2_epoch_end,
+        )  # fmt: skip
+    except StopRequested:
+        if on_stop is not None and state2.interval is not None:  # stopped between two steps of an epoch
+            done = len(state2.stopping.history)
+            on_stop(ASHEMProgress(2, done, phase1["epochs_run"] + done, model, phase2_state(state2, False)))
+        raise
     final_state = phase2_state(state2, completed=True)
     phase2["hard_ppl_at_exit"] = hard_ppl_at_exit
     phase2["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -24,7 +24,7 @@ from ease.evaluation import Batch
 from ease.losses import hard_token_loss, upper_layer_logits
 from ease.model.backbone import Backbone, run_layers
 from ease.routing import confidence_fn
-from ease.stop import check_stop
+from ease.stop import StopRequested, check_stop
 from ease.strategies.ashem.batches import HardBatch, HardExampleBatches, create_hard_example_loader
 from ease.strategies.ashem.cache import HardExamples
 from ease.strategies.ashem.config import ASHEMConfig
@@ -51,11 +51,15 @@ def train_phase1(
     verbose: bool = True,
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    on_stop: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Phase 1: Block 1 on every token with early stopping; returns its record (val metrics, history, ...).
 
     `on_epoch_end(epoch, state)` gets {"phase1_train": training state} after every epoch; `resume` (the
-    model's weights under "model" and such a state under "train_state") carries on from that epoch.
+    model's weights under "model" and such a state under "train_state") carries on from that epoch. A stop
+    signal between two training steps calls `on_stop(epochs done, state)` with the state at that step (its
+    "interval" holds the unfinished epoch's sums), then `StopRequested` propagates; resuming from that state
+    carries on from the next step.
     """
     trainer = Trainer(config.phase1_config(), model.vocab_size, device, grad_clip, progress=progress)
     optimizer = trainer.create_optimizer(model, config.phase1_lr, weight_decay)
@@ -68,10 +72,15 @@ def train_phase1(
         if on_epoch_end is not None:
             on_epoch_end(epoch, {"phase1_train": trainer.training_state(optimizer, stopping, completed=False)})
 
-    result = trainer.train_with_early_stopping(
-        model, train_batches, val_batches, optimizer, config.max_epochs, config.phase1_patience, verbose, monitor,
-        state=stopping, on_epoch_end=epoch_end,
-    )  # fmt: skip
+    try:
+        result = trainer.train_with_early_stopping(
+            model, train_batches, val_batches, optimizer, config.max_epochs, config.phase1_patience, verbose,
+            monitor, state=stopping, on_epoch_end=epoch_end,
+        )  # fmt: skip
+    except StopRequested:
+        if on_stop is not None and trainer.interrupted_state() is not None:  # stopped between two steps
+            on_stop(len(stopping.history), {"phase1_train": trainer.training_state(optimizer, stopping, False)})
+        raise
     ev = trainer.evaluate(model, val_batches)
     return {
         "metrics": {key: ev[key] for key in ("ppl", "acc", "loss", "per_exit")},
@@ -86,6 +95,21 @@ def train_phase1(
 # --- phase 2: epochs and scores on the cached states ---------------------------------------------------------
 
 
+@dataclass
+class EpochSums:
+    """How far one phase-2 epoch has gone: batches done and the hard-token loss summed so far.
+
+    A stop signal between two steps leaves these in the checkpoint; the resumed epoch skips the batches done
+    (the epoch's order is a function of (seed, epoch)) and adds to the same sums, so its mean loss is the
+    uninterrupted epoch's.
+    """
+
+    epoch: int = 0
+    batches: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+
 def train_upper_layers(
     model: Backbone,
     hard_batches: Iterable[HardBatch],
@@ -94,27 +118,35 @@ def train_upper_layers(
     device: str | torch.device = "cpu",
     num_lower_layers: int = 2,
     grad_clip: float | None = 1.0,
+    sums: EpochSums | None = None,
 ) -> float:
-    """One epoch of Block 2 on the hard tokens, from cached states; returns the mean hard-token loss."""
+    """One epoch of Block 2 on the hard tokens, from cached states; returns the mean hard-token loss.
+
+    `sums` (updated in place after every batch) carries on an epoch a stop signal interrupted: its first
+    `sums.batches` batches are skipped.
+    """
     if vocab_size is not None and vocab_size != model.vocab_size:
         raise ValueError(f"vocab_size: {vocab_size} does not match the model's {model.vocab_size}")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    total, count = 0.0, 0
-    for hidden, targets, mask in hard_batches:
+    sums = sums if sums is not None else EpochSums()
+    for i, (hidden, targets, mask) in enumerate(hard_batches):
+        if i < sums.batches:  # done before the stop this epoch resumes from
+            continue
         hidden, targets, mask = hidden.to(device), targets.to(device), mask.to(device)
         n = int(mask.sum().item())
-        if n == 0:
-            continue
-        loss = hard_token_loss(model, hidden, targets, mask, num_lower_layers)
-        check_finite(loss, "phase 2")
-        optimizer_step(loss, trainable, optimizer, grad_clip)
-        check_stop()
-        total += loss.item() * n
-        count += n
-    if count == 0:
+        if n > 0:
+            loss = hard_token_loss(model, hidden, targets, mask, num_lower_layers)
+            check_finite(loss, "phase 2")
+            optimizer_step(loss, trainable, optimizer, grad_clip)
+            sums.loss_sum += loss.item() * n
+            sums.tokens += n
+        sums.batches = i + 1
+        if n > 0:
+            check_stop()
+    if sums.tokens == 0:
         raise ValueError("train_upper_layers: no hard tokens in the batches")
-    return total / count
+    return sums.loss_sum / sums.tokens
 
 
 def _nll_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
@@ -203,10 +235,13 @@ class Phase2State:
         stopping: early stopping on the validation hard-token loss; its `best_state` holds the trainable
             (Block 2) parameters only.
         before: the validation hard-token metrics at layer L before phase 2's first epoch.
+        interval: while an epoch trains, how far it has gone; what a stop signal between two steps leaves
+            for the resume (None when the stop came between epochs or during validation).
     """
 
     stopping: EarlyStoppingState = field(default_factory=lambda: EarlyStoppingState(best_epoch=0))
     before: dict[str, float] | None = None
+    interval: EpochSums | None = None  # the epoch under way while training (None between epochs)
 
 
 def train_phase2(
@@ -239,7 +274,10 @@ def train_phase2(
 
     def train_epoch(epoch: int) -> EpochOutcome:
         loader.set_epoch(epoch)
-        loss = train_upper_layers(model, loader, optimizer, None, device, k, grad_clip)
+        if state.interval is None or state.interval.epoch != epoch:
+            state.interval = EpochSums(epoch)
+        loss = train_upper_layers(model, loader, optimizer, None, device, k, grad_clip, state.interval)
+        state.interval = None  # finished: a stop from here on resumes from the epoch's end
         return EpochOutcome({"train_loss": loss}, loader.num_positions)
 
     def validate() -> Validation:
