@@ -30,8 +30,11 @@ METRIC_PATHS: dict[str, tuple[str, ...]] = {
     "tokens_per_s": ("tokens_per_s",),
     "num_parameters": ("num_parameters",),
 }
+# A threshold curve point's metrics (metrics.threshold_analysis[i]).
+CURVE_METRICS = ("ppl", "acc", "shallow_ratio", "compute_cost")
 # Overrides that do not change a result: runs differing only in these belong to one group.
-NOT_SETTINGS = frozenset({"seed", "threads", "progress", "debug", "save_checkpoint"})
+# Overrides that do not change what a run computes (optuna_trial: the trial number the sweeper hands each job).
+NOT_SETTINGS = frozenset({"seed", "threads", "progress", "debug", "save_checkpoint", "optuna_trial"})
 
 
 def parse_value(text: str | None) -> Any:
@@ -65,9 +68,36 @@ def read_record(path: Path) -> dict[str, Any]:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from None
     if not isinstance(record, dict) or "status" not in record:
         raise ValueError("not an EASE run record (no status)")
-    if not isinstance(record.get("metrics") or {}, dict):
-        raise ValueError("metrics is not a mapping")
+    problem = _shape_problem(record)
+    if problem:
+        raise ValueError(problem)
     return record
+
+
+def _shape_problem(record: dict[str, Any]) -> str | None:
+    """What in the record's structure record_row could not read (hand-edited or foreign JSON), or None."""
+    metrics = record.get("metrics") or {}
+    objective = record.get("objective") or {}
+    checks = [
+        (isinstance(record["status"], str), "status is not a string"),
+        (isinstance(metrics, dict), "metrics is not a mapping"),
+        (isinstance(objective, dict), "objective is not a mapping"),
+        (isinstance(objective.get("values") or [], list) if isinstance(objective, dict) else True,
+         "objective.values is not a list"),
+        (isinstance(record.get("overrides") or [], list), "overrides is not a list"),
+        (record.get("seed") is None or (isinstance(record["seed"], int) and not isinstance(record["seed"], bool)),
+         "seed is not an integer"),
+    ]  # fmt: skip
+    if isinstance(metrics, dict):
+        weights = metrics.get("layer_weights") or {}
+        curve = metrics.get("threshold_analysis") or []
+        checks += [
+            (isinstance(weights, dict) and all(str(k).isdigit() for k in weights),
+             "metrics.layer_weights is not a mapping of layer number -> weight"),
+            (isinstance(curve, list) and all(isinstance(p, dict) for p in curve),
+             "metrics.threshold_analysis is not a list of mappings"),
+        ]  # fmt: skip
+    return next((why for ok, why in checks if not ok), None)
 
 
 def _natural(path: Path) -> list[Any]:
@@ -84,7 +114,8 @@ def find_run_files(dirs: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]],
             found.append((root.parent, root))
             continue
         if not root.is_dir():
-            log.warning("no such folder: %s", root)
+            why = "is a file, not a folder of runs" if root.exists() else "no such folder"
+            log.warning("%s: %s", root, why)
             continue
         found += [(root, p) for p in sorted(root.rglob(METRICS_FILE), key=_natural)]
         for hydra_dir in sorted(root.rglob(".hydra")):
@@ -105,12 +136,30 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _not_finite(record: dict[str, Any]) -> str | None:
+    """Why an ok record counts as status nan, or None.
+
+    Its objective is not finite (Optuna's FAIL), or it has no finite PPL although its task computes one
+    (task=generate records none): listed with the failed runs rather than averaged, so every n in the tables
+    counts the same runs for every metric.
+    """
+    values = (record.get("objective") or {}).get("values") or []
+    if any(not math.isfinite(_number(v)) for v in values):
+        return "objective not finite"
+    metrics = record.get("metrics") or {}
+    ppl = metrics.get("ppl")
+    if record.get("task") == "generate" or math.isfinite(_number(ppl)):
+        return None
+    if "ppl" not in metrics:
+        return "no ppl in metrics"
+    return f"ppl is {json.dumps(ppl)}" if ppl is None or isinstance(ppl, float) else "ppl is not a number"
+
+
 def _status(record: dict[str, Any]) -> str:
-    """ok, failed, or nan (finished, but the objective it returned was not finite: Optuna's FAIL)."""
+    """ok, failed, or nan (finished, but its objective or its PPL is not finite)."""
     if record["status"] != "ok":
         return str(record["status"])
-    values = (record.get("objective") or {}).get("values") or []
-    return "nan" if any(not math.isfinite(_number(v)) for v in values) else "ok"
+    return "nan" if _not_finite(record) else "ok"
 
 
 def record_row(record: dict[str, Any], name: str) -> dict[str, Any]:
@@ -125,7 +174,7 @@ def record_row(record: dict[str, Any], name: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": name,
         "status": _status(record),
-        "error": record.get("error") or ("objective not finite" if _status(record) == "nan" else None),
+        "error": record.get("error") or (_not_finite(record) if _status(record) == "nan" else None),
         "task": record.get("task"),
         "seed": record.get("seed"),
         "group": " ".join(f"{k}={v}" if v is not None else f"~{k}" for k, v in sorted(settings.items())),
@@ -136,7 +185,8 @@ def record_row(record: dict[str, Any], name: str) -> dict[str, Any]:
     for layer, weight in (metrics.get("layer_weights") or {}).items():
         row[f"weight_L{layer}"] = _number(weight)
     curve = metrics.get("threshold_analysis")
-    row["_curve"] = curve if isinstance(curve, list) else None
+    # Numbers only in the curve's metrics: a hand-edited "ppl": "n/a" becomes NaN instead of failing the table.
+    row["_curve"] = [{**p, **{m: _number(p[m]) for m in CURVE_METRICS if m in p}} for p in curve] if curve else None
     row["_checkpoint"] = metrics.get("checkpoint")
     return row
 
@@ -160,6 +210,8 @@ def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, list[str], list[t
         name = os.path.relpath(path.parent, root)
         name = root.name if name == "." else name
         rows.append(record_row(record, name if len(dirs) == 1 else f"{root.name}/{name}"))
+        if record["status"] == "ok" and rows[-1]["status"] == "nan":
+            log.warning("%s: %s: listed with the failed runs (status nan)", path, rows[-1]["error"])
     for folder in missing:
         log.warning("no %s in %s (killed, or still running)", METRICS_FILE, folder)
     runs = pd.DataFrame(rows)

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ease.results.collect import CURVE_METRICS
+
 # Metrics averaged over seeds in results_groups.csv.
 AGGREGATED = ("ppl", "acc", "shallow_ratio", "compute_cost", "loss", "test_ppl", "epochs_run", "train_time_s")
 
@@ -91,7 +93,7 @@ def threshold_table(runs: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
     out = []
     for (_, threshold), part in points.groupby(["_key", "threshold"], sort=False):
         row = {**{p: part[p].iloc[0] for p in keep}, "threshold": threshold, "n": len(part)}
-        for metric in ("ppl", "acc", "shallow_ratio", "compute_cost"):
+        for metric in CURVE_METRICS:
             values = part[metric].astype(float) if metric in part else pd.Series([math.nan])
             row[f"{metric}_mean"] = values.mean()
             row[f"{metric}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan

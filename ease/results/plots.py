@@ -8,7 +8,7 @@ import pandas as pd
 
 from ease.io import atomic_write
 from ease.results.group import finished, pareto_front
-from ease.results.tables import fmt_value, label
+from ease.results.tables import group_label
 
 
 def _pyplot() -> Any:
@@ -28,10 +28,6 @@ def _save(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _group_label(row: pd.Series, params: Sequence[str]) -> str:
-    return ", ".join(f"{label(p)}={fmt_value(row[p])}" for p in params) or "all runs"
-
-
 def plot_pareto(runs: pd.DataFrame, groups: pd.DataFrame, params: Sequence[str], path: Path) -> None:
     """ppl_vs_compute.png: every finished run, the group means ± std, and the Pareto front of the groups."""
     plt = _pyplot()
@@ -49,7 +45,7 @@ def plot_pareto(runs: pd.DataFrame, groups: pd.DataFrame, params: Sequence[str],
         ax.scatter(100 * front["compute_cost_mean"], front["ppl_mean"], s=60, facecolors="none", edgecolors="tab:red")
         if len(groups) <= 12:
             for _, row in groups.iterrows():
-                ax.annotate(_group_label(row, params), (100 * row["compute_cost_mean"], row["ppl_mean"]), fontsize=7,
+                ax.annotate(group_label(row, params), (100 * row["compute_cost_mean"], row["ppl_mean"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("compute cost (% of layers)")
     ax.set_ylabel("PPL")
@@ -67,7 +63,7 @@ def plot_threshold_curves(thresholds: pd.DataFrame, params: Sequence[str], path:
     parts = scalar.groupby([scalar[p].astype(str) for p in keep], sort=False) if keep else [("", scalar)]
     for _, part in parts:
         part = part.sort_values("threshold")
-        name = _group_label(part.iloc[0], keep)
+        name = group_label(part.iloc[0], keep)
         t = part["threshold"].astype(float)
         for ax, metric, scale in ((ax_ppl, "ppl", 1.0), (ax_cost, "compute_cost", 100.0)):
             mean, std = scale * part[f"{metric}_mean"], scale * part[f"{metric}_std"].fillna(0)

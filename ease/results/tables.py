@@ -1,8 +1,7 @@
-"""Display tables in seed 003's layouts (mean ± std strings) and their markdown rendering for results.md."""
+"""Display tables in seed 003's layouts (mean ± std strings), the significance table and sentences, results.md."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,13 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ease.results.collect import parse_override, parse_value
 from ease.results.group import curve_params
+from ease.results.significance import ALPHA, CONFIDENCE, METRICS, MIN_RUNS, N_RESAMPLES
 
 if TYPE_CHECKING:  # cli imports this module: only the type, to avoid a cycle
     from ease.results.cli import Results
-
-log = logging.getLogger("ease.results")
 
 LABELS = {
     "loss_weights.alpha": "α",
@@ -56,23 +53,21 @@ def label(param: str) -> str:
     return LABELS.get(param, param)
 
 
+def group_label(row: pd.Series, params: Sequence[str]) -> str:
+    """A group in words: `α=0.3, LR scales=uniform`; `all runs` when nothing is swept."""
+    return ", ".join(f"{label(p)}={fmt_value(row[p])}" for p in params) or "all runs"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value for a table: 3 significant digits, `<0.001` below, `—` when there is none."""
+    if p is None or not math.isfinite(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
 def _varying_weights(groups: pd.DataFrame) -> list[str]:
     cols = sorted((c for c in groups.columns if c.startswith("weight_L")), key=lambda c: int(c[8:]))
     return [c for c in cols if groups[c].round(9).nunique(dropna=False) > 1]
-
-
-def _baseline_ppl(groups: pd.DataFrame, baseline: str | None) -> float | None:
-    if not baseline or groups.empty:
-        return None
-    key, value = parse_override(baseline)
-    if key not in groups.columns:
-        log.warning("baseline %s: %s is not a swept setting", baseline, key)
-        return None
-    match = groups[groups[key].map(lambda v: str(v) == str(parse_value(value)) or str(v) == value)]
-    if match.empty:
-        log.warning("baseline %s: no group has it", baseline)
-        return None
-    return float(match["ppl_mean"].iloc[0])
 
 
 def _settings_columns(df: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
@@ -97,8 +92,8 @@ def main_table(groups: pd.DataFrame, params: Sequence[str], baseline: str | None
     for col in _varying_weights(groups):
         table[f"L{col[8:]} weight"] = groups[col].map(lambda w: "—" if pd.isna(w) else f"{100 * w:.0f}%")
     table = _metric_columns(table, groups, ["PPL", "Shallow%", "Compute%"])
-    base = _baseline_ppl(groups, baseline)
-    if base:  # seed 001's layer-LR table: improvement over the baseline group's PPL
+    base = float(groups.loc[groups["baseline"], "ppl_mean"].iloc[0]) if baseline and "baseline" in groups else None
+    if base and math.isfinite(base):  # seed 001's layer-LR table: improvement over the baseline group's PPL
         table.insert(table.columns.get_loc("PPL") + 1, "vs baseline", groups["ppl_mean"].map(
             lambda p: f"{100 * (base - p) / base:+.1f}%"
         ))  # fmt: skip
@@ -119,6 +114,111 @@ def pareto_display(front: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
     if front.empty:
         return pd.DataFrame()
     return _metric_columns(_settings_columns(front, params), front, ["PPL", "Compute%", "Shallow%"])
+
+
+def _compared(groups: pd.DataFrame) -> list[str]:
+    """The metrics compare_groups filled in for `groups` (compute cost only where runs recorded it)."""
+    return [m for m in METRICS if f"{m}_p" in groups.columns]
+
+
+def significance_display(groups: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
+    """Each group against the baseline: [settings] | n | per metric: Δ | 95% CI | p | p (Holm) | Significant."""
+    if groups.empty or "baseline" not in groups or len(groups) < 2:
+        return pd.DataFrame()
+    rows = groups[~groups["baseline"].astype(bool)]
+    table = _settings_columns(rows, params)
+    table["n"] = rows["n"]
+    for metric in _compared(groups):
+        name, scale, digits, _ = METRICS[metric]
+        table[f"Δ{name}"] = rows[f"{metric}_diff"].map(lambda d, s=scale, k=digits: _signed(d, s, k))
+        table[f"Δ{name} 95% CI"] = [
+            _interval(lo, hi, scale, digits) for lo, hi in zip(rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"])
+        ]
+        table[f"{name} p"] = rows[f"{metric}_p"].map(fmt_p)
+        table[f"{name} p (Holm)"] = rows[f"{metric}_p_holm"].map(fmt_p)
+        table[f"{name} significant"] = [_verdict(r, metric, short=True) for _, r in rows.iterrows()]
+    return table
+
+
+def _signed(value: float, scale: float, digits: int) -> str:
+    return "—" if not math.isfinite(value) else f"{value * scale:+.{digits}f}"
+
+
+def _interval(low: float, high: float, scale: float, digits: int) -> str:
+    return "—" if not math.isfinite(low) else f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def _verdict(row: pd.Series, metric: str, short: bool = False) -> str:
+    """significant / not significant at ALPHA after Holm, or why none is claimed (too few runs, no spread)."""
+    n, n_base, p = row[f"{metric}_n"], row[f"{metric}_n_base"], row[f"{metric}_p"]
+    if min(n, n_base) < 2:
+        why = f"a t-test needs at least 2 runs per group (n={n}, baseline n={n_base})"
+        return "no test (n < 2)" if short else f"no test: {why}"
+    if not math.isfinite(p):
+        return "no test (no spread)" if short else "no test: every run in both groups gave the same value"
+    if min(n, n_base) < MIN_RUNS:
+        return f"not claimed (n < {MIN_RUNS})"
+    return "significant" if row[f"{metric}_significant"] else "not significant"
+
+
+def significance_lines(groups: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """results.md's significance section: what is computed, the table, one sentence per comparison, warnings."""
+    lines = ["## Significance vs baseline", ""]
+    if groups.empty or "baseline" not in groups:
+        return [*lines, "(no groups)", ""]
+    base = groups[groups["baseline"].astype(bool)].iloc[0]
+    base_name = group_label(base, params)
+    if len(groups) < 2:
+        return [*lines, f"One group ({base_name}): nothing to compare.", ""]
+    lines += [
+        f"Baseline: {base_name} (n={base['n']}; `--baseline NAME` picks another, default the first group). "
+        "Δ = group mean − baseline mean over seeds (PPL; compute in percentage points of the layers run): "
+        f"negative is better. {100 * CONFIDENCE:.0f}% CI: bootstrap percentile interval of Δ ({N_RESAMPLES} "
+        f"resamples, fixed seed). p: Welch's t-test; p (Holm): Holm's correction over the {len(groups) - 1} "
+        f"comparison{'s' if len(groups) > 2 else ''} of a metric (the verdict follows it: with few seeds the "
+        f"bootstrap interval is narrower than the t-test's). Significant: p (Holm) < {ALPHA} with at least "
+        f"{MIN_RUNS} runs in both groups.",
+        "",
+        markdown_table(significance_display(groups, params)),
+        "",
+    ]
+    return [*lines, *significance_sentences(groups, params), ""]
+
+
+def significance_sentences(groups: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """The warning for groups under MIN_RUNS runs, then one line per group: its differences from the baseline."""
+    if groups.empty or "baseline" not in groups or len(groups) < 2:
+        return []
+    lines = []
+    small = groups[groups["n"] < MIN_RUNS]
+    if not small.empty:
+        names = ", ".join(f"{group_label(r, params)} (n={r['n']})" for _, r in small.iterrows())
+        lines.append(
+            f"**Warning**: fewer than {MIN_RUNS} runs in {names}: no difference involving "
+            f"{'it' if len(small) == 1 else 'them'} is called significant; run more seeds."
+        )
+        lines.append("")
+    base_name = group_label(groups[groups["baseline"].astype(bool)].iloc[0], params)
+    for _, row in groups[~groups["baseline"].astype(bool)].iterrows():
+        parts = [_sentence(row, metric) for metric in _compared(groups)] or ["no PPL or compute cost recorded"]
+        lines.append(f"- {group_label(row, params)} vs {base_name} (baseline): {'; '.join(parts)}")
+    return lines
+
+
+def _sentence(row: pd.Series, metric: str) -> str:
+    """`+0.29 PPL, 95% CI [-0.80, 1.30], p=0.61 (Holm): not significant`, or why there is no test."""
+    _, scale, digits, unit = METRICS[metric]
+    diff = row[f"{metric}_diff"]
+    if not math.isfinite(diff):
+        return f"no {unit} recorded"
+    text = f"{_signed(diff, scale, digits)} {unit}"
+    low, high = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+    if math.isfinite(low):
+        text += f", {100 * CONFIDENCE:.0f}% CI {_interval(low, high, scale, digits)}"
+    if math.isfinite(row[f"{metric}_p"]):
+        p = fmt_p(row[f"{metric}_p_holm"])
+        text += f", p{p if p.startswith('<') else '=' + p} (Holm)"
+    return f"{text}: {_verdict(row, metric)}"
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -145,8 +245,13 @@ def render_markdown(res: Results, sources: Sequence[Path], main: pd.DataFrame, b
         markdown_table(main),
         "",
     ]
-    if baseline:
-        lines += [f"vs baseline: PPL improvement over the {baseline} group (positive = lower PPL).", ""]
+    if baseline and "vs baseline" in main:
+        base = res.groups[res.groups["baseline"].astype(bool)].iloc[0]
+        lines += [
+            f"vs baseline: PPL improvement over the {group_label(base, res.params)} group (positive = lower PPL).",
+            "",
+        ]
+    lines += significance_lines(res.groups, res.params)
     lines += [
         "## Threshold analysis (from each run's one-pass curve)",
         "",
@@ -159,7 +264,16 @@ def render_markdown(res: Results, sources: Sequence[Path], main: pd.DataFrame, b
         markdown_table(pareto_display(res.pareto, res.params)),
         "",
     ]
-    failed = runs[runs["status"] != "ok"] if not runs.empty else runs
+    pruned = runs[runs["status"] == "pruned"] if not runs.empty else runs
+    if not pruned.empty:  # stopped by the sweep's pruner: not failures, and not in the means above
+        table = pruned[["run", "error"]].rename(columns={"error": "stopped"})
+        lines += [
+            "## Pruned runs (stopped by the sweep's pruner; not in the tables above)",
+            "",
+            markdown_table(table),
+            "",
+        ]
+    failed = runs[~runs["status"].isin(["ok", "pruned"])] if not runs.empty else runs
     lines += ["## Failed runs", ""]
     if failed.empty:
         lines += ["(none)", ""]
