@@ -10,6 +10,8 @@ recorded beside it: on a shared CPU, wall times move with what else runs.
    number of epochs (patience above max_epochs), so each variant does the same work. Variants: serial with
    1 torch thread, serial with all cores, and hydra/launcher=ease_joblib (2 jobs × 1 thread), each run
    --repeats times, interleaved. Reports the median wall time, trials per hour and the ratio parallel / serial.
+3. Pruning (`--only pruning` runs this section alone): `+sweep=alpha_optuna`, 20 trials of 6 epochs, without
+   and with the median pruner; wall time, epochs trained, pruned trials, best PPL.
 2. Threshold sweep (`+sweep=threshold`, K thresholds of one checkpoint, task=eval): wall time of the K-job sweep
    with the per-token pass cached (the default) and without, against one eval job and against the training
    run that made the checkpoint; and the number of model passes the K jobs ran.
@@ -121,24 +123,67 @@ def threshold_sweep(tmp: Path, base: list[str]) -> dict[str, Any]:
     return out
 
 
+def pruning(tmp: Path, base: list[str], trials: int) -> dict[str, Any]:
+    """`+sweep=alpha_optuna` with `trials` trials on a fresh study, without a pruner and with the median pruner
+    (n_startup_trials 5, n_warmup_steps 1), the same sampler seed. Every trial may train all its epochs (patience
+    above max_epochs), so the saving is the epochs the pruner cut. Reports wall time, epochs trained, pruned
+    trials and the best PPL each study reached."""
+    variants = {
+        "no_pruner": [],
+        "median": ["hydra.sweeper.pruner=median", "hydra.sweeper.pruner_args={n_startup_trials: 5, n_warmup_steps: 1}"],
+    }
+    out: dict[str, Any] = {"trials": trials, "pruner_args": {"n_startup_trials": 5, "n_warmup_steps": 1}}
+    for name, extra in variants.items():
+        folder, url = tmp / f"prune_{name}", f"sqlite:///{tmp / f'prune_{name}.db'}"
+        args = ["+sweep=alpha_optuna", *base, "threads=1", f"hydra.sweep.dir={folder}", f"hydra.sweeper.storage={url}",
+                "hydra.sweeper.study_name=bench", f"hydra.sweeper.n_trials={trials}", *extra]  # fmt: skip
+        before = load()
+        wall = train_py(args, multirun=True)
+        recs = records(folder)
+        done = [r for r in recs if r["status"] == "ok"]
+        out[name] = {
+            "wall_s": round(wall, 1),
+            "complete": len(done),
+            "pruned": sum(r["status"] == "pruned" for r in recs),
+            "epochs_trained": sum(len(r["metrics"].get("history") or []) for r in recs),
+            "best_ppl": min(r["metrics"]["ppl"] for r in done) if done else None,
+            "load_avg_1min_before": round(before, 2),
+            "load_avg_1min_after": round(load(), 2),
+        }
+        print(name, out[name], flush=True)
+    out["wall_saving"] = round(1 - out["median"]["wall_s"] / out["no_pruner"]["wall_s"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on synthetic tokens")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each alpha-grid variant, interleaved")
+    parser.add_argument("--trials", type=int, default=20, help="trials of each pruning variant")
+    parser.add_argument(
+        "--only", choices=["alpha_grid", "threshold_sweep", "pruning"], help="run one section; keep the others in --out"
+    )
     args = parser.parse_args()
     if args.quick:
         base = ["model=tiny", "data=synthetic", "train.max_epochs=2", "train.patience=100"]
     else:
         base = ["train.max_epochs=3", "train.patience=100"]
+    sections = {
+        "alpha_grid": lambda tmp: alpha_grid(tmp, base, args.repeats),
+        "threshold_sweep": lambda tmp: threshold_sweep(tmp, base),
+        "pruning": lambda tmp: pruning(tmp, [*base[:-2], "train.max_epochs=6", "train.patience=100"], args.trials),
+    }
+    result = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="ease-bench-sweeps-") as tmp:
-        result = {
-            "setting": "quick (tiny, synthetic)" if args.quick else "WikiText-2 200K chars, small model, 3 epochs",
-            "overrides": base,
-            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
-            "alpha_grid": alpha_grid(Path(tmp), base, args.repeats),
-            "threshold_sweep": threshold_sweep(Path(tmp), base),
-        }
+        result.update(
+            setting="quick (tiny, synthetic)" if args.quick else "WikiText-2 200K chars, small model, 3 epochs",
+            overrides=base,
+            machine={"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        )
+        for name, run in sections.items():
+            if args.only in (None, name):
+                result[name] = run(Path(tmp))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -56,7 +56,7 @@ class OptunaStudyCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
-        if "optuna" not in str(OmegaConf.select(sweeper, "_target_", default="")):
+        if "optuna" not in str(OmegaConf.select(sweeper, "_target_", default="")).lower():
             return
         storage = OmegaConf.select(sweeper, "storage")
         if not storage:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ease import distributed
 from ease.app import build, train_task
+from ease.app.pruning import TrialPruned, reporting
 from ease.app.records import METRICS_FILE, make_record
 from ease.io import remove_orphans, write_json_atomic
 from ease.seed import set_seed
@@ -93,8 +94,15 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     overrides = list(overrides or [])
     remove_orphans(output_dir)  # temporary files a SIGKILL left mid-write
     try:
-        with stop_on_signals():
+        with stop_on_signals(), reporting(cfg, output_dir) as reporter:
             metrics = run_task(cfg, output_dir)
+            if reporter is not None:
+                reporter.finish(metrics)
+    except TrialPruned as err:  # the sweep's pruner stopped this trial: a record of how far it got
+        objective = {"names": list(cfg.objective), "values": [math.nan] * len(cfg.objective)}
+        record = make_record("pruned", cfg.task.name, err.metrics, resolved, overrides, objective, str(err), started)
+        write_record(output_dir, record)
+        raise
     except StopRequested as err:  # SIGTERM / SIGINT: stopped between steps, where the checkpoint now stands
         record = make_record("interrupted", cfg.task.name, {}, resolved, overrides, error=str(err), started=started)
         record["signal"] = err.name
@@ -170,6 +178,9 @@ def hydra_main(cfg: DictConfig) -> float | list[float]:
             check_no_record(Path(hc.runtime.output_dir))
         record = run(cfg, hc.runtime.output_dir, list(hc.overrides.task))
         values = record["objective"]["values"]
+    except TrialPruned as err:  # NaN to the sweeper, which records the trial PRUNED (the trial says so)
+        log.info("job %s: %s", hc.job.num, err)
+        values = [math.nan] * len(cfg.objective)
     except StopRequested as err:
         folder = hc.runtime.output_dir
         print(f"error: {err}; checkpoint.pt in {folder} holds the run where it stopped: continue with resume=true "

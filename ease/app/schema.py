@@ -97,6 +97,8 @@ class Config:
     debug: bool = False  # show full tracebacks instead of one-line errors
     # {name: {_target_: CLASS, ...}}: objects whose on_epoch_end(epoch, history_row) runs after each epoch's checkpoint
     callbacks: dict[str, Any] = field(default_factory=dict)
+    # The Optuna trial this job is (set by hydra/sweeper=ease_optuna for each job; ease.app.pruning reports to it)
+    optuna_trial: int | None = None
 
 
 # What torch.manual_seed accepts (a negative seed is taken modulo 2**64); a bigger int overflows there.

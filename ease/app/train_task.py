@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ease import distributed
 from ease.app import build
 from ease.app.loggers import build_loggers, check_loggers
+from ease.app.pruning import TrialPruned, active_reporter
 from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
 from ease.config import TrainingConfig
 from ease.data import DataBundle, build_data
@@ -286,10 +287,14 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
     def train_state(stopping: EarlyStoppingState, completed: bool) -> dict[str, Any]:
         return {**trainer.training_state(optimizer, stopping, completed), "strategy": strategy}
 
+    reporter = active_reporter()
+
     def on_epoch_end(epoch: int, stopping: EarlyStoppingState) -> None:
         row = stopping.history[-1]
         out.epoch_end(model, train_state(stopping, completed=False), epoch, row)
         loggers.log_metrics(eval_record(row), trainer.step)
+        if reporter is not None:  # an Optuna sweep's job: report this evaluation; may stop here (TrialPruned)
+            reporter.report(len(stopping.history), row, list(stopping.history))
 
     status = "failed"
     try:
@@ -306,6 +311,9 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
         out.finish(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
         loggers.log_metrics({f"final/{key}": metrics[key] for key in HEADLINE}, trainer.step)
         status = "ok"
+    except TrialPruned:
+        status = "pruned"
+        raise
     except StopRequested:
         status = "interrupted"
         if trainer.interrupted_state() is not None:  # stopped between two training steps: save that point
