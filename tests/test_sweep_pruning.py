@@ -166,3 +166,39 @@ def test_a_pruner_on_a_multi_objective_sweep_is_one_line(tmp_path: Path) -> None
     proc = sweep(tmp_path, "hydra.sweeper.pruner=median", name="pareto", ok=False)
     errors = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
     assert len(errors) == 1 and "hydra.sweeper.pruner: Optuna prunes single-objective studies only" in errors[0]
+
+
+def test_constraints_reach_the_sampler_and_the_records(tmp_path: Path) -> None:
+    # Every run satisfies the first and fails the second: each trial's constraint values are Optuna's convention
+    # (<= 0 holds) computed from its record, and the tables mark the runs infeasible.
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.constraints=['ppl <= 1000', 'acc >= 0.99']")
+    assert summary(proc) == (2, 2, 0, 0)
+    by_number = records(tmp_path)
+    for t in trials(tmp_path):
+        m = by_number[t.number]["metrics"]
+        assert t.system_attrs["constraints"] == [m["ppl"] - 1000.0, 0.99 - m["acc"]]
+        assert m["feasible"] is False and m["constraints"]["ppl <= 1000"]["satisfied"] is True
+        assert m["constraints"]["acc >= 0.99"] == {"value": 0.99 - m["acc"], "satisfied": False}
+    main = (tmp_path / "sweep" / "results.md").read_text().split("\n## ")[1]
+    header, _, *rows = [line for line in main.splitlines() if line.startswith("|")]
+    column = [c.strip() for c in header.split("|")].index("Feasible")
+    assert len(rows) == 2 and all(row.split("|")[column].strip() == "NO" for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        ("['compute <= 0.7']", "hydra.sweeper.constraints: 'compute <= 0.7' is not METRIC <= BOUND"),
+        ("['compute_cost < 0.7']", "hydra.sweeper.constraints: 'compute_cost < 0.7' is not METRIC <= BOUND"),
+    ],
+)
+def test_bad_constraints_are_one_line(tmp_path: Path, value: str, line: str) -> None:
+    proc = sweep(tmp_path, f"hydra.sweeper.constraints={value}", ok=False)
+    errors = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and line in errors[0], proc.stderr[-3000:]
+
+
+def test_constraints_need_a_sampler_that_takes_them(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.constraints=['ppl <= 100']", ok=False)
+    errors = [s for s in proc.stderr.splitlines() if s.startswith("error: ")]
+    assert len(errors) == 1 and "the TPE, NSGA-II and GP samplers take constraints" in errors[0], proc.stderr[-3000:]

@@ -21,6 +21,8 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from ease.app.constraints import Constraint, parse_constraints, record_constraints
+
 log = logging.getLogger("ease")
 
 TRIAL_KEY = "optuna_trial"  # the top-level config key the sweeper sets for each job
@@ -94,6 +96,7 @@ class TrialReporter:
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         self.trial = optuna.trial.Trial(study, trial_id)
         self.number, self.objective = number, objective
+        self.constraints: list[Constraint] = []  # hydra.sweeper.constraints, recorded in the job's metrics
         self.reports = len(study.directions) == 1  # Optuna keeps intermediate values for one objective only
 
     def start(self, run_dir: str | Path) -> None:
@@ -106,11 +109,18 @@ class TrialReporter:
             return
         self.trial.report(value, step)
         if self.trial.should_prune():
-            self.trial.set_user_attr(PRUNED_ATTR, step)
             metrics = {key: row.get(f"val_{key}", row.get(key)) for key in HEADLINE}
+            self._set_headline(metrics)  # a sampler's constraints_func reads them for PRUNED trials too
+            self.trial.set_user_attr(PRUNED_ATTR, step)
             raise TrialPruned(step, value, {**metrics, "pruned_at": step, "history": history})
 
     def finish(self, metrics: dict[str, Any]) -> None:
+        """The finished job's headline metrics on its trial; with constraints, which held, into `metrics`."""
+        self._set_headline(metrics)
+        if self.constraints:
+            metrics.update(record_constraints(metrics, self.constraints))
+
+    def _set_headline(self, metrics: dict[str, Any]) -> None:
         for key in HEADLINE:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -133,6 +143,10 @@ def trial_reporter(cfg: DictConfig) -> TrialReporter | None:
     name = OmegaConf.select(sweeper, "pruner")
     pruner = build_pruner(name, pruner_args(OmegaConf.select(sweeper, "pruner_args")))
     reporter = TrialReporter(str(storage), str(study_name), int(number), pruner, str(cfg.objective[0]))
+    constraints = OmegaConf.select(sweeper, "constraints")
+    reporter.constraints = parse_constraints(
+        OmegaConf.to_container(constraints) if OmegaConf.is_config(constraints) else constraints
+    )
     if name not in (None, "none") and cfg.strategy.name == "ashem":
         log.warning("hydra.sweeper.pruner: ASHEM's two phases have different objectives; this trial is not pruned")
         reporter.reports = False

@@ -28,12 +28,14 @@ from unittest import mock
 
 import optuna
 from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper import _impl
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from ease.app.constraints import TrialConstraints, parse_constraints
 from ease.app.pruning import PRUNED_ATTR, TRIAL_KEY, check_pruner
 from ease.app.pruning import pruner_args as pruner_args_dict
 
@@ -99,7 +101,7 @@ class EaseSweeperImpl(_impl.OptunaSweeperImpl):
             # does not exist." or "No trials are completed yet."): every job ran, so the sweep did what it was
             # asked, and the summary says how its trials ended.
             if not self._all_asked_finished() or not re.search(
-                r"Record does not exist|No trials are completed", str(err)
+                r"Record does not exist|No trials are completed|No feasible trials", str(err)
             ):
                 raise
             log.warning("no trial of study %s completed: no best parameters to report", self.study_name)
@@ -196,12 +198,25 @@ class EaseOptunaSweeper(OptunaSweeper):
         params: DictConfig | None,
         pruner: str | None = None,
         pruner_args: dict[str, Any] | None = None,
+        constraints: Any = None,
     ) -> None:
         check_pruner(pruner, pruner_args_dict(pruner_args))
+        parsed = parse_constraints(
+            OmegaConf.to_container(constraints) if OmegaConf.is_config(constraints) else constraints
+        )
         super().__init__(
             sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space, params
         )
         plugin = self.sweeper
+        if parsed:  # the same sampler, built again with Optuna's constraints_func
+            target = str(OmegaConf.select(sampler, "_target_", default=""))
+            if target.rsplit(".", 1)[-1] not in ("TPESampler", "NSGAIISampler", "GPSampler"):
+                raise ValueError(
+                    f"hydra.sweeper.constraints: the TPE, NSGA-II and GP samplers take constraints, not {target}"
+                )
+            plugin.sampler = instantiate(
+                sampler, constraints_func=TrialConstraints(parsed), _execution_whitelist_=("optuna.samplers.*",)
+            )
         self.sweeper = EaseSweeperImpl(
             plugin.sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, None, params
         )
@@ -216,6 +231,8 @@ class EaseOptunaSweeperConf(OptunaSweeperConf):
     # wilcoxon, threshold; none or null for no pruning) and its keyword arguments.
     pruner: str | None = None
     pruner_args: Any = None  # a dict; Any, so that a whole dict can be given on the command line
+    # ["compute_cost <= 0.7", ...]: minimise among the trials that satisfy them (ease.app.constraints)
+    constraints: Any = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ease_optuna_plugin", node=EaseOptunaSweeperConf)

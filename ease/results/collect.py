@@ -182,6 +182,8 @@ def record_row(record: dict[str, Any], name: str) -> dict[str, Any]:
     }
     row.update({f"override:{k}": v for k, v in settings.items()})
     row.update({col: _number(_get(metrics, path)) for col, path in METRIC_PATHS.items()})
+    feasible = metrics.get("feasible")  # a sweep with hydra.sweeper.constraints: did this run satisfy them?
+    row["feasible"] = float(feasible) if isinstance(feasible, bool) else math.nan
     for layer, weight in (metrics.get("layer_weights") or {}).items():
         row[f"weight_L{layer}"] = _number(weight)
     curve = metrics.get("threshold_analysis")

@@ -10,7 +10,17 @@ import pandas as pd
 from ease.results.collect import CURVE_METRICS
 
 # Metrics averaged over seeds in results_groups.csv.
-AGGREGATED = ("ppl", "acc", "shallow_ratio", "compute_cost", "loss", "test_ppl", "epochs_run", "train_time_s")
+AGGREGATED = (
+    "ppl",
+    "acc",
+    "shallow_ratio",
+    "compute_cost",
+    "loss",
+    "test_ppl",
+    "epochs_run",
+    "train_time_s",
+    "feasible",
+)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

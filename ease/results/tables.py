@@ -92,12 +92,21 @@ def main_table(groups: pd.DataFrame, params: Sequence[str], baseline: str | None
     for col in _varying_weights(groups):
         table[f"L{col[8:]} weight"] = groups[col].map(lambda w: "—" if pd.isna(w) else f"{100 * w:.0f}%")
     table = _metric_columns(table, groups, ["PPL", "Shallow%", "Compute%"])
+    if "feasible_mean" in groups and groups["feasible_mean"].notna().any():  # a sweep with constraints
+        table.insert(table.columns.get_loc("PPL"), "Feasible", groups["feasible_mean"].map(_feasible))
     base = float(groups.loc[groups["baseline"], "ppl_mean"].iloc[0]) if baseline and "baseline" in groups else None
     if base and math.isfinite(base):  # seed 001's layer-LR table: improvement over the baseline group's PPL
         table.insert(table.columns.get_loc("PPL") + 1, "vs baseline", groups["ppl_mean"].map(
             lambda p: f"{100 * (base - p) / base:+.1f}%"
         ))  # fmt: skip
     return table
+
+
+def _feasible(share: float) -> str:
+    """A group's share of runs that satisfied the sweep's constraints: yes, NO, or the share."""
+    if pd.isna(share):
+        return ""
+    return "yes" if share == 1 else "NO" if share == 0 else f"{100 * share:.0f}%"
 
 
 def threshold_display(thresholds: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
