@@ -132,7 +132,11 @@ def pruning(tmp: Path, base: list[str], trials: int) -> dict[str, Any]:
         "no_pruner": [],
         "median": ["hydra.sweeper.pruner=median", "hydra.sweeper.pruner_args={n_startup_trials: 5, n_warmup_steps: 1}"],
     }
-    out: dict[str, Any] = {"trials": trials, "pruner_args": {"n_startup_trials": 5, "n_warmup_steps": 1}}
+    out: dict[str, Any] = {
+        "trials": trials,
+        "overrides": base,
+        "pruner_args": {"n_startup_trials": 5, "n_warmup_steps": 1},
+    }
     for name, extra in variants.items():
         folder, url = tmp / f"prune_{name}", f"sqlite:///{tmp / f'prune_{name}.db'}"
         args = ["+sweep=alpha_optuna", *base, "threads=1", f"hydra.sweep.dir={folder}", f"hydra.sweeper.storage={url}",
