@@ -259,3 +259,14 @@ def test_train_py_on_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     assert metrics["data_source"].startswith("files: 1 json file(s)") and metrics["training"]["steps_run"] == 6
+
+
+def test_a_line_of_spaces_ends_a_text_paragraph(tmp_path: Path) -> None:
+    # WikiText's raw files separate paragraphs by lines holding one space: each paragraph is still one document.
+    corpus = docs(12, 2)
+    (tmp_path / "w.txt").write_text(" \n" + "\n \n".join(corpus) + "\n \n")
+    data = build_data(cfg(tmp_path, paths=[str(tmp_path / "w.txt")], val_fraction=0.3))
+    held = val_mask(len(corpus), 0.3)
+    assert 0 < held.sum() < len(corpus)
+    assert data.train.tokens.tolist() == stream(data.tokenizer, [d for d, v in zip(corpus, held) if not v])
+    assert data.val.tokens.tolist() == stream(data.tokenizer, [d for d, v in zip(corpus, held) if v])

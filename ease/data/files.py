@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +45,7 @@ from .tokenizers import Tokenizer, tokenizer_from_dict
 logger = logging.getLogger("ease.data")
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: plain-text paragraphs also end at whitespace-only lines
 HASH_CHUNK = 1 << 20  # bytes read at a time while hashing: a file is never read whole
 DOCS_PER_BATCH = 1000  # documents per tokenization task: a few MB of text, so memory stays flat
 IN_FLIGHT = 2  # tasks queued per process: enough to keep the workers busy, bounded so memory is too
@@ -128,6 +129,9 @@ def file_set(patterns: Sequence[str], field: str, key: str) -> FileSet:
     return FileSet(key, files, kind, [sha256(p) for p in files])
 
 
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")  # WikiText's "paragraph breaks" are lines holding one space
+
+
 def iter_documents(fs: FileSet, field: str, cache_dir: Path) -> Iterator[list[str | None]]:
     """The documents' texts in file order, `DOCS_PER_BATCH` at a time, streamed by `datasets`."""
     datasets = require("datasets", "data=files")
@@ -140,6 +144,8 @@ def iter_documents(fs: FileSet, field: str, cache_dir: Path) -> Iterator[list[st
         )  # fmt: skip
         for batch in ds.select_columns([column]).iter(batch_size=DOCS_PER_BATCH):
             texts = batch[column]
+            if fs.kind == "text":  # datasets ends a paragraph at "\n\n" only; a line of spaces ends one too
+                texts = [part for text in texts for part in _BLANK_LINE.split(text or "")]
             if any(t is not None and not isinstance(t, str) for t in texts):
                 kinds = sorted({type(t).__name__ for t in texts if t is not None and not isinstance(t, str)})
                 raise ValueError(
