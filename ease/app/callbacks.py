@@ -32,6 +32,8 @@ class ResultsTablesCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir() or not any(p.is_dir() for p in sweep_dir.iterdir()):
+            return  # refused before any job started (its one error line says why): no empty tables to write
         try:
             from ease.results import write_results
 
