@@ -51,6 +51,9 @@ class ProtocolOnly(nn.Module):
     def new_cache(self, batch_size: int, max_len: int):
         return self.inner.new_cache(batch_size, max_len)
 
+    def crop_cache(self, cache, length: int) -> None:
+        self.inner.crop_cache(cache, length)
+
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         return self.inner.param_groups()
 

@@ -121,6 +121,13 @@ class HFBackbone(BackboneMethods, nn.Module):
         """The model's own `DynamicCache` (one layer per decoder layer, sliding ones where the config has them)."""
         return require("transformers", "model=hf").DynamicCache(config=self.hf.config)
 
+    def crop_cache(self, cache: Any, length: int) -> None:
+        """Keep positions 0..length-1: the `DynamicCache`'s own `crop`, which takes the count to remove (negative).
+        A sliding-window layer that has already dropped positions cannot give them back (transformers raises)."""
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)
+
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         parts = self._parts
         embedding = list(parts.embed_tokens.parameters())

@@ -81,6 +81,11 @@ class Backbone(Protocol):
         """An empty KV cache for every layer, for `layer(..., cache=)`."""
         ...
 
+    def crop_cache(self, cache: Any, length: int) -> None:
+        """Keep only positions 0..length-1 in every layer of `cache` (self-speculative decoding drops the K/V of
+        rejected draft tokens)."""
+        ...
+
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """("embedding", ...), ("layer_1", ...) .. ("layer_L", ...), ("head", shared final norm + output head)."""
         ...

@@ -96,6 +96,12 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         """One growing K/V cache per layer (the batch size and length follow from what is appended)."""
         return [KVCache() for _ in range(self.num_layers)]
 
+    def crop_cache(self, cache: list[KVCache], length: int) -> None:
+        """Keep positions 0..length-1 of every layer's K/V."""
+        for layer in cache:
+            if layer.k is not None and layer.length > length:
+                layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
+
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         groups = [("embedding", list(self.embedding.parameters()))]
         groups += [(f"layer_{i}", list(block.parameters())) for i, block in enumerate(self.layers, start=1)]
