@@ -1,6 +1,7 @@
 """generate(): greedy and sampled text, seeded determinism, what it reports, and `train.py task=generate`."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import compose, train_py
 
 from ease import EarlyExitTransformer
 from ease.app.runner import run
-from ease.checkpoint import save_checkpoint
+from ease.checkpoint import load_checkpoint, save_checkpoint
 from ease.data import WordTokenizer
 from ease.inference.fused import FusedDecoder as EarlyExitDecoder
 from ease.inference.generation import SamplingConfig, generate, sample_next
@@ -188,3 +189,33 @@ def test_generate_from_a_deed_training_run(tmp_path: Path) -> None:
     metrics = json.loads((gen_dir / "metrics.json").read_text())["metrics"]
     assert metrics["settings"]["routing_thresholds"] == [0.7]
     assert len(metrics["exit_layers"][0]) == 8
+
+
+def test_speculative_generate_task_gives_the_full_depth_text(checkpoint: Path, tmp_path: Path) -> None:
+    cfg = compose(["task=generate", f"checkpoint={checkpoint}", "prompt=the cat sat", "task.mode=speculative",
+                   "task.num_speculations=3", "task.max_new_tokens=20"])  # fmt: skip
+    m = run(cfg, tmp_path)["metrics"]
+    assert m["exact_match"] is True and m["mode"] == "speculative"
+    assert m["settings"]["draft_exit"] == 1  # the checkpoint's exit layer
+    assert 0 <= m["acceptance"] <= 1 and len(m["token_ids"][0]) == 20
+    assert m["speedup"] > 0 and m["predicted_speedup"] > 0
+    assert math.isclose(m["speedup_over_predicted"], m["speedup"] / m["predicted_speedup"])
+    # The same text as the library's full-depth greedy generation (routing off).
+    model, ckpt = load_checkpoint(checkpoint)
+    full = generate(model, WordTokenizer.from_dict(ckpt["tokenizer"]), "the cat sat", 20, routing_threshold=0.0)
+    assert m["token_ids"] == full.token_ids and (tmp_path / "generated.txt").read_text().count("--- row") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.draft_exit=3"], r"^task\.draft_exit: must be an int in 1\.\.2 .*\(the model has 3 layers\)$"),
+        (["task.num_speculations=0"], r"^task\.num_speculations: must be an int >= 1"),
+        (["task.mode=fast"], r"^task\.mode: must be one of early_exit, speculative"),
+        (["task.temperature=-1"], r"^task\.temperature"),
+    ],
+)
+def test_speculative_settings_fail_in_one_line(checkpoint: Path, tmp_path: Path, overrides, message) -> None:
+    cfg = ["task=generate", f"checkpoint={checkpoint}", "prompt=the cat", "task.mode=speculative", *overrides]
+    with pytest.raises(ValueError, match=message):
+        run(compose(cfg), tmp_path)

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ease.app.schema import check_top_level
+from ease.app.schema import TaskConfig, check_top_level
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
@@ -32,6 +32,7 @@ GROUPS = {
     "lr_scales": LrScalesConfig,
     "routing": RoutingConfig,
     "schedule": ScheduleConfig,
+    "task": TaskConfig,
 }
 
 

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from ease.app import build
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.data.tokenizers import tokenizer_from_dict
-from ease.inference.generation import SamplingConfig, generate, prompt_budget
+from ease.inference.generation import SamplingConfig, generate, generate_speculative, prompt_budget
+from ease.inference.speculative import check_speculative
 
 log = logging.getLogger("ease")
 
@@ -72,6 +73,8 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     except ValueError as err:
         raise ValueError(f"task.{err}") from None
     model.to(cfg.device)
+    if cfg.task.mode == "speculative":
+        return speculative_task(cfg, model, tokenizer, sampling, context, path, output_dir)
     result = generate(
         model,
         tokenizer,
@@ -103,3 +106,31 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "routing_source": routing_source,
         "num_parameters": model.num_parameters(),
     }
+
+
+def speculative_task(
+    cfg: DictConfig, model: Any, tokenizer: Any, sampling: SamplingConfig, context: int | None, path: Path, out: Path
+) -> dict[str, Any]:
+    """task.mode=speculative: lossless self-speculative decoding, timed against full depth (same cache code)."""
+    draft_exit = cfg.task.draft_exit if cfg.task.draft_exit is not None else model.exit_layers[0]
+    try:
+        check_speculative(model, draft_exit, cfg.task.num_speculations)
+    except ValueError as err:
+        raise ValueError(f"{err} (the model has {model.num_layers} layers)") from None
+    result = generate_speculative(
+        model, tokenizer, str(cfg.prompt), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+        seed=cfg.seed, batch_size=sampling.batch_size, draft_exit=draft_exit,
+        num_speculations=cfg.task.num_speculations, adaptive=cfg.task.adaptive, threads=cfg.threads or 1,
+        max_context=context,
+    )  # fmt: skip
+    lines = [f"--- row {i}\n{text}\n" for i, text in enumerate(result["texts"])]
+    (out / GENERATED_FILE).write_text("\n".join(lines), encoding="utf-8")
+    print(result["texts"][0], file=sys.stdout)
+    same = {True: "yes", False: "NO", None: "not compared (sampling)"}[result["exact_match"]]
+    log.info(
+        "speculative (draft layers 1-%d, k=%d%s): acceptance %.1f%%, %.1f tokens/round, %.0f tokens/s, %.2fx over "
+        "full depth (predicted %.2fx); same text as full-depth greedy: %s",
+        draft_exit, cfg.task.num_speculations, ", adaptive" if cfg.task.adaptive else "", 100 * result["acceptance"],
+        result["tokens_per_round"], result["tokens_per_s"], result["speedup"], result["predicted_speedup"], same,
+    )  # fmt: skip
+    return {**result, "checkpoint": str(path), "num_parameters": model.num_parameters()}

@@ -35,6 +35,7 @@ from ease.strategies import StrategyConfig
 from ease.training.config import TrainConfig
 
 TASKS = ("train", "eval", "generate")
+GENERATE_MODES = ("early_exit", "speculative")
 SPLITS = ("val", "test")
 OBJECTIVES = ("ppl", "acc", "compute_cost", "shallow_ratio", "loss")
 
@@ -63,13 +64,25 @@ class TaskConfig:
     batch_size: int = 1  # prompts decoded together (the prompt repeated)
     kv_mode: str = "propagate"  # propagate (CALM state copying) | recompute
     decoder: str = "auto"  # auto (fused for the native model) | fused | reference (any backbone)
+    # generate: early_exit (each token stops at its confidence exit) | speculative (lossless: draft with layers
+    # 1..draft_exit, verify with the rest; ease.inference.speculative)
+    mode: str = "early_exit"
+    draft_exit: int | None = None  # speculative: E (None: the checkpoint's first exit layer)
+    num_speculations: int = 4  # speculative: tokens drafted per round (the most, with adaptive)
+    adaptive: bool = False  # speculative: draft length follows the acceptance
 
     def __post_init__(self) -> None:
-        choices = (("name", TASKS), ("split", SPLITS), ("kv_mode", KV_MODES), ("decoder", DECODERS))
+        choices = (
+            ("name", TASKS), ("split", SPLITS), ("kv_mode", KV_MODES), ("decoder", DECODERS), ("mode", GENERATE_MODES)
+        )  # fmt: skip
         for key, allowed in choices:
             value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(f"task.{key}: must be one of {', '.join(allowed)}, got {value!r}")
+        if isinstance(self.num_speculations, bool) or self.num_speculations < 1:
+            raise ValueError(f"task.num_speculations: must be an int >= 1, got {self.num_speculations!r}")
+        if self.draft_exit is not None and (isinstance(self.draft_exit, bool) or self.draft_exit < 1):
+            raise ValueError(f"task.draft_exit: must be a layer >= 1, got {self.draft_exit!r}")
 
 
 @dataclass

@@ -452,3 +452,90 @@ def generate(
             "threads": threads or torch.get_num_threads(),
         },
     )
+
+
+@torch.inference_mode()
+def generate_speculative(
+    model: Backbone,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[str],
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = 0,
+    batch_size: int | None = None,
+    draft_exit: int = 1,
+    num_speculations: int = 4,
+    adaptive: bool = False,
+    compare_full_depth: bool = True,
+    warmup_tokens: int = 4,
+    threads: int | None = 1,
+    max_context: int | None = None,
+) -> dict[str, Any]:
+    """Continue `prompt` by self-speculative decoding (`ease.inference.speculative`) and report its speed.
+
+    The full-depth baseline is the reference decoder with routing off (the same backbone layers and caches, one
+    token at a time). With greedy decoding the result also says whether the text equals that baseline's.
+    Returns JSON-ready metrics: texts, token ids, acceptance, tokens/s, speedup, predicted speedup, settings.
+    """
+    from ease.inference.speculative import SelfSpeculativeDecoder, check_speculative
+
+    check_speculative(model, draft_exit, num_speculations)
+    if batch_size is None:
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, "propagate", "reference")
+    budget = prompt_budget(model, max_new_tokens, max_context)
+    device = next(model.parameters()).device
+    prompt_ids = encode_prompts(tokenizer, prompt, batch_size, budget).to(device)
+
+    def speculate(n: int) -> tuple[torch.Tensor, Any]:
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        decoder = SelfSpeculativeDecoder(model, draft_exit, num_speculations, temperature, top_k, generator, adaptive)
+        return decoder.generate(prompt_ids, n)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with intra_op_threads(threads):
+            if warmup_tokens > 0:
+                speculate(warmup_tokens)
+            tokens, stats = speculate(max_new_tokens)
+        full = decode(model, prompt_ids, sampling, seed, None, 0.0, threads=threads) if compare_full_depth else None
+    finally:
+        model.train(was_training)
+    n_tokens = tokens.numel()
+    tokens_per_s = n_tokens / stats.seconds
+    full_tps = n_tokens / full.seconds if full is not None else None
+    predicted = stats.predicted_speedup(model.num_layers)
+    speedup = tokens_per_s / full_tps if full_tps else None
+    ids, prompt_list = tokens.tolist(), prompt_ids.tolist()
+    return {
+        "mode": "speculative",
+        "texts": [tokenizer.decode(p + g) for p, g in zip(prompt_list, ids)],
+        "continuations": [tokenizer.decode(g) for g in ids],
+        "token_ids": ids,
+        "acceptance": stats.acceptance,
+        "rounds": stats.rounds,
+        "tokens_per_round": n_tokens / batch_size / max(stats.rounds, 1),
+        "tokens_per_s": tokens_per_s,
+        "full_depth_tokens_per_s": full_tps,
+        "speedup": speedup,
+        "predicted_speedup": predicted,
+        "speedup_over_predicted": speedup / predicted if speedup is not None and predicted else None,
+        # greedy: is the text the full model's greedy text (token for token)? None when sampling or not compared
+        "exact_match": bool(torch.equal(tokens, full.tokens)) if full is not None and temperature == 0 else None,
+        "settings": {
+            **asdict(sampling),
+            "seed": seed,
+            "draft_exit": draft_exit,
+            "num_speculations": num_speculations,
+            "adaptive": adaptive,
+            "draft_lengths": stats.draft_lengths,
+            "prompt_tokens": prompt_ids.shape[1],
+            "max_prompt_tokens": budget,
+            "draft_layer_tokens": stats.draft_layer_tokens,
+            "verify_layer_tokens": stats.verify_layer_tokens,
+            "seconds": stats.seconds,
+            "threads": threads or torch.get_num_threads(),
+        },
+    }

@@ -120,11 +120,17 @@ class SelfSpeculativeDecoder:
         B, m = prompt.shape
         stats = SpeculativeStats()
         cache = model.new_cache(B, m + max_new_tokens + self.k_max)
-        h = model.embed(prompt, 0)
-        for i in range(1, L + 1):
-            h = model.layer(i, h, 0, cache)
-        logits = model.unembed(h[:, -1]).float()
+
+        def full_depth(ids: torch.Tensor, pos: int) -> torch.Tensor:
+            h = model.embed(ids, pos)
+            for i in range(1, L + 1):
+                h = model.layer(i, h, pos, cache)
+            return model.unembed(h[:, -1]).float()
+
+        if m > 1:  # untimed, as in `ease.inference.generation.decode`: the timed part starts at the last prompt token
+            full_depth(prompt[:, :-1], 0)
         t0 = time.perf_counter()
+        logits = full_depth(prompt[:, -1:], m - 1)
         out = [self._pick(self._probs(logits), logits)]  # the first token: the full model's
         n, produced, k = m, 1, self.k_max  # positions in the caches; tokens produced; this round's draft length
         while produced < max_new_tokens:
