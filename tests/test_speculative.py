@@ -140,9 +140,11 @@ def chi_square_p(observed: torch.Tensor, probs: torch.Tensor) -> float:
 def test_predicted_speedup_counts_layers() -> None:
     model = peaky_model(V, 32, 4, 4)
     _, st = SelfSpeculativeDecoder(model, 1, 4).generate(prompts(1, V)[0], 20)
-    spent = st.draft_layer_tokens + st.verify_layer_tokens
     assert st.draft_layer_tokens == sum(st.draft_lengths) and st.verify_layer_tokens == 3 * sum(st.draft_lengths)
-    assert math.isclose(st.predicted_speedup(4), 20 * 4 / spent)
+    # A round: k draft steps of 1/4 of a full step, one verify pass of 3/4; plus the first token's full step.
+    cost = 1 + sum(k * 1 / 4 + 3 / 4 for k in st.draft_lengths)
+    assert math.isclose(st.predicted_speedup(4, 1), 20 / cost)
+    assert st.rounds == len(st.draft_lengths) and 1 + (st.rounds - 1) <= 20 <= 1 + 4 * st.rounds
 
 
 @pytest.mark.parametrize(

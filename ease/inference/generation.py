@@ -506,7 +506,7 @@ def generate_speculative(
     n_tokens = tokens.numel()
     tokens_per_s = n_tokens / stats.seconds
     full_tps = n_tokens / full.seconds if full is not None else None
-    predicted = stats.predicted_speedup(model.num_layers)
+    predicted = stats.predicted_speedup(model.num_layers, draft_exit, batch_size)
     speedup = tokens_per_s / full_tps if full_tps else None
     ids, prompt_list = tokens.tolist(), prompt_ids.tolist()
     return {

@@ -61,11 +61,14 @@ class SpeculativeStats:
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def predicted_speedup(self, num_layers: int) -> float:
-        """Full-depth layer computations for the emitted tokens over those this decoding ran: the speedup its
-        acceptance and layer costs predict if a layer costs the same whether it runs 1 or k positions."""
-        spent = self.draft_layer_tokens + self.verify_layer_tokens
-        return self.emitted * num_layers / spent if spent else 0.0
+    def predicted_speedup(self, num_layers: int, draft_exit: int, rows: int = 1) -> float:
+        """The speedup the acceptance and the layer counts predict, at batch 1 where decoding is bound by reading
+        the weights: a layer costs the same for 1 or k positions. In units of one full-depth token step, a round
+        costs k draft steps of E/L and one verify pass of (L - E)/L; the first token is one full step. Predicted =
+        tokens per row / that cost (Leviathan et al. 2023's expected-speedup model, with LayerSkip's draft cost)."""
+        L, E = num_layers, draft_exit
+        cost = 1.0 + sum(k * E + (L - E) for k in self.draft_lengths) / L
+        return self.emitted / rows / cost if self.emitted else 0.0
 
 
 def _filtered(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
