@@ -59,3 +59,15 @@ def postgres_server() -> Iterator[str]:
             pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def require_postgres() -> None:
+    """Skip the calling test without the driver or the server binaries; fail instead under EASE_REQUIRE_POSTGRES=1
+    (CI installs both, so a missing one there is a broken install, not a reason to skip)."""
+    import pytest
+
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is the optional extra: pip install -e '.[postgres]'")
+    if pg_bin_dir() is None:
+        if os.environ.get("EASE_REQUIRE_POSTGRES") == "1":
+            pytest.fail("EASE_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")

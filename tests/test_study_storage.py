@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from pg_server import pg_bin_dir, postgres_server
+from pg_server import postgres_server, require_postgres
 
 from ease.app import studies
 
@@ -77,11 +77,7 @@ def test_workers_start_together_on_fresh_sqlite_studies(tmp_path: Path) -> None:
 
 
 def test_workers_start_together_on_fresh_postgresql_databases() -> None:
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is the optional extra: pip install -e '.[postgres]'")
-    if pg_bin_dir() is None:
-        if os.environ.get("EASE_REQUIRE_POSTGRES") == "1":
-            pytest.fail("EASE_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (apt-get install postgresql)")
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    require_postgres()
     import psycopg
 
     with postgres_server() as url:

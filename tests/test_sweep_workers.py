@@ -7,7 +7,6 @@ COMPLETE trial has exactly one metrics.json whose objective equals the trial's v
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 from conftest import FAST, REPO
 from optuna.trial import TrialState
-from pg_server import pg_bin_dir, postgres_server
+from pg_server import postgres_server, require_postgres
 
 N_WORKERS, TRIALS_EACH = 2, 3
 
@@ -63,11 +62,7 @@ def test_two_workers_share_a_sqlite_study(tmp_path: Path) -> None:
 
 
 def test_two_workers_share_a_postgresql_study(tmp_path: Path) -> None:
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is the optional extra: pip install -e '.[postgres]'")
-    if pg_bin_dir() is None:
-        if os.environ.get("EASE_REQUIRE_POSTGRES") == "1":
-            pytest.fail("EASE_REQUIRE_POSTGRES=1 but no PostgreSQL server binaries (apt-get install postgresql)")
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    require_postgres()
     with postgres_server() as url:
         run_workers_and_check(url, tmp_path)
 
