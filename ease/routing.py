@@ -6,6 +6,7 @@ threshold; tokens that never do run to the last layer. A threshold of 0 disables
 compute_cost = layers computed / total layers, averaged over tokens: the seeds' counted cost.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,13 @@ def compute_cost(exit_at: torch.Tensor, num_layers: int) -> float:
     return exit_at.double().mean().item() / num_layers
 
 
+def decayed_threshold(threshold: float, step: int, max_steps: int, decay: float) -> float:
+    """CALM's decaying threshold (Schuster et al. 2022, eq. 5): clip01(0.9 λ + 0.1 exp(-τ t / N)) at output
+    position t of N. Early tokens need more confidence to exit, later ones less; τ = decay sets how fast."""
+    value = 0.9 * threshold + 0.1 * math.exp(-decay * step / max(max_steps, 1))
+    return min(max(value, 0.0), 1.0)
+
+
 ROUTING_KINDS = ("none", "confidence")
 DEFAULT_ANALYSIS_THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
@@ -135,6 +143,7 @@ class RoutingConfig:
         threshold: confidence needed to exit, in (0, 1]; one per exit layer, or one for all.
         confidence: max_prob | top2_margin | neg_entropy.
         analysis_thresholds: the thresholds scored from the final evaluation pass (seed 003's table).
+        threshold_decay: CALM's decaying threshold while decoding (`decayed_threshold`, τ); None = fixed.
     """
 
     kind: str = "none"
@@ -142,6 +151,7 @@ class RoutingConfig:
     threshold: Any = 0.0
     confidence: str = "max_prob"
     analysis_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_ANALYSIS_THRESHOLDS))
+    threshold_decay: float | None = None  # decoding only: CALM's decaying threshold with τ = this (>= 0); None = off
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTING_KINDS:
@@ -165,6 +175,9 @@ class RoutingConfig:
         for t in self.analysis_thresholds:
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"routing.analysis_thresholds: each must be in [0, 1], got {t}")
+        decay = self.threshold_decay
+        if decay is not None and (isinstance(decay, bool) or not math.isfinite(decay) or decay < 0):
+            raise ValueError(f"routing.threshold_decay: must be a finite number >= 0 (CALM's τ), got {decay!r}")
 
     def settings(self) -> tuple[Any, Any]:
         """(exit_layer, threshold) as the library takes them; routing=none gives threshold 0."""

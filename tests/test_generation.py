@@ -13,7 +13,7 @@ from ease.app.runner import run
 from ease.checkpoint import load_checkpoint, save_checkpoint
 from ease.data import WordTokenizer
 from ease.inference.fused import FusedDecoder as EarlyExitDecoder
-from ease.inference.generation import SamplingConfig, generate, sample_next
+from ease.inference.generation import SamplingConfig, decode, generate, sample_next
 
 TEXT = "the cat sat on the mat and the dog ran to the park where the cat sat again\n" * 4
 
@@ -219,3 +219,45 @@ def test_speculative_settings_fail_in_one_line(checkpoint: Path, tmp_path: Path,
     cfg = ["task=generate", f"checkpoint={checkpoint}", "prompt=the cat", "task.mode=speculative", *overrides]
     with pytest.raises(ValueError, match=message):
         run(compose(cfg), tmp_path)
+
+
+def test_decayed_threshold_is_calms_formula() -> None:
+    from ease.routing import decayed_threshold
+
+    for lam, t, n, tau in [(0.8, 0, 50, 4.0), (0.8, 25, 50, 4.0), (0.5, 50, 50, 1.0), (1.0, 0, 10, 0.0)]:
+        assert math.isclose(decayed_threshold(lam, t, n, tau), min(1.0, 0.9 * lam + 0.1 * math.exp(-tau * t / n)))
+
+
+@pytest.mark.parametrize("decoder", ["reference", "fused"])
+def test_decaying_threshold_decodes_as_thresholds_set_step_by_step(model, decoder) -> None:
+    """decode(threshold_decay=τ) against a plain loop that sets CALM's threshold itself before every step."""
+    from ease.inference.decoder import EarlyExitDecoder as Reference
+
+    with torch.no_grad():
+        model.output_head.weight.mul_(10.0)  # layer-1 confidences around the thresholds: some tokens exit, not all
+    peaky = model
+    torch.manual_seed(0)
+    prompt, n, lam, tau = torch.randint(0, peaky.vocab_size, (2, 5)), 24, 0.3, 6.0
+    sampling = SamplingConfig(n, 0.0, None, 2, "propagate", decoder)
+    got = decode(peaky, prompt, sampling, None, 1, lam, threshold_decay=tau)
+    plain = Reference(peaky, 2, 5 + n, 1, lam)
+    plain.prefill(prompt[:, :-1])
+    token, tokens, exits = prompt[:, -1], [], []
+    for t in range(n):
+        plain.set_thresholds([min(1.0, 0.9 * lam + 0.1 * math.exp(-tau * t / n))])
+        out = plain.step(token)
+        token = out.logits.argmax(-1)
+        tokens.append(token)
+        exits.append(out.exit_layer)
+    assert torch.equal(got.tokens, torch.stack(tokens, 1)) and torch.equal(got.exit_layers, torch.stack(exits, 1))
+    fixed = decode(peaky, prompt, sampling, None, 1, lam)
+    assert not torch.equal(fixed.exit_layers, got.exit_layers)  # the decay changed where tokens exit
+
+
+def test_threshold_decay_in_generate_task_and_its_bad_value(checkpoint: Path, tmp_path: Path) -> None:
+    args = ["task=generate", f"checkpoint={checkpoint}", "prompt=the cat", "task.max_new_tokens=6",
+            "routing=confidence", "routing.exit_layer=1", "routing.threshold=0.5"]  # fmt: skip
+    m = run(compose([*args, "routing.threshold_decay=4"]), tmp_path / "ok")["metrics"]
+    assert m["settings"]["threshold_decay"] == 4.0
+    with pytest.raises(ValueError, match=r"^routing\.threshold_decay: must be a finite number >= 0"):
+        run(compose([*args, "routing.threshold_decay=-1"]), tmp_path / "bad")

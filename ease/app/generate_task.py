@@ -88,6 +88,7 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         decoder=sampling.decoder,
         threads=cfg.threads or 1,  # decoding is single-threaded unless threads= says otherwise
         max_context=context,
+        threshold_decay=cfg.routing.threshold_decay if cfg.routing.kind == "confidence" else None,
     )
     lines = []
     for i, (text, exits) in enumerate(zip(result.texts, result.exit_layers)):

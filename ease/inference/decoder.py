@@ -111,6 +111,11 @@ class EarlyExitDecoder:
         self.device = next(model.parameters()).device
         self.reset()
 
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """New values for the active exits' thresholds, one per `exit_layers` entry (CALM's decaying threshold
+        changes them between steps). An exit that was off (threshold 0) stays off."""
+        self.thresholds = {e: t for e, t in zip(self.exit_layers, thresholds) if e in self.thresholds}
+
     def reset(self) -> None:
         """Forget every position."""
         self.pos = 0

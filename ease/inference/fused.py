@@ -156,6 +156,13 @@ class FusedDecoder:
                     V, d = self._vocab, len(deeper)
                     self._exit_v_start[i] = V + C + d * C
 
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """New values for the active exits' thresholds, one per `exit_layers` entry (CALM's decaying threshold
+        changes them between steps). An exit that was off stays off: the fused weights were built for the others."""
+        for e, t in zip(self.exit_layers, thresholds):
+            if self._thresholds[e - 1] is not None:
+                self._thresholds[e - 1] = t
+
     def reset(self) -> None:
         """Forget every position (the buffers are kept)."""
         self.pos = 0

@@ -28,7 +28,7 @@ from ease.inference.decoder import EarlyExitDecoder, check_kv_mode
 from ease.inference.fused import FusedDecoder
 from ease.model.backbone import Backbone
 from ease.model.transformer import EarlyExitTransformer
-from ease.routing import normalize_routing
+from ease.routing import decayed_threshold, normalize_routing
 
 log = logging.getLogger("ease.inference")
 
@@ -188,12 +188,14 @@ def decode(
     routing_threshold: float | Sequence[float] | None = None,
     confidence: str | None = None,
     threads: int | None = 1,
+    threshold_decay: float | None = None,
 ) -> DecodeRun:
     """Prefill the prompt (B, T0) at full depth, then generate `max_new_tokens` per row with early exit.
 
     Generated token n comes from the step that feeds token n-1 (the last prompt token for n = 1), so each
     generated token has exactly one step and its exit layer is that step's depth. `threads`: intra-op
-    threads while decoding (default 1, see `intra_op_threads`; None = torch's setting).
+    threads while decoding (default 1, see `intra_op_threads`; None = torch's setting). `threshold_decay`:
+    CALM's decaying threshold with that τ (`ease.routing.decayed_threshold`, t = the generated token's index).
     """
     B, T0 = prompt_ids.shape
     N = sampling.max_new_tokens
@@ -209,7 +211,11 @@ def decode(
     tokens, exits = [], []  # stacked once at the end: no tensor write per step
     with intra_op_threads(threads):
         start = time.perf_counter()
-        for _ in range(N):
+        for t in range(N):
+            if threshold_decay is not None:
+                decoder.set_thresholds(
+                    [decayed_threshold(x, t, N, threshold_decay) for x in decoder.routing_thresholds]
+                )
             out = decoder.step(token)
             token = sample(out.logits)
             tokens.append(token)
@@ -371,6 +377,7 @@ def generate(
     warmup_steps: int = 4,
     threads: int | None = 1,
     max_context: int | None = None,
+    threshold_decay: float | None = None,
 ) -> GenerationResult:
     """Continue `prompt` with early exit and report speed.
 
@@ -385,6 +392,7 @@ def generate(
         compare_full_depth: also time the same decoding with routing off, for `speedup`.
         warmup_steps: untimed steps run first, so the timings do not include first-call allocation.
         threads: intra-op threads while decoding (default 1; None = torch's current setting).
+        threshold_decay: CALM's decaying threshold (τ >= 0; `ease.routing.decayed_threshold`); None = fixed.
         max_context: the most prompt tokens kept; a longer prompt keeps its last ones, with a warning. None =
             the backbone's position limit (a Hugging Face model's max_position_embeddings), else
             DEFAULT_MAX_CONTEXT (1024). A backbone with a position limit P also keeps prompt + new tokens <= P.
@@ -410,7 +418,10 @@ def generate(
         if warmup_steps > 0:
             warm = SamplingConfig(warmup_steps, temperature, top_k, batch_size, kv_mode, decoder)
             decode(model, prompt_ids, warm, seed, exit_layer, routing_threshold, threads=threads)
-        run = decode(model, prompt_ids, sampling, seed, exit_layer, routing_threshold, threads=threads)
+        run = decode(
+            model, prompt_ids, sampling, seed, exit_layer, routing_threshold, threads=threads,
+            threshold_decay=threshold_decay,
+        )  # fmt: skip
         full = None
         if compare_full_depth:
             full = decode(model, prompt_ids, sampling, seed, exit_layer, 0.0, threads=threads)
@@ -444,6 +455,7 @@ def generate(
             "seed": seed,
             "exit_layers": list(exits),
             "routing_thresholds": list(thresholds),
+            "threshold_decay": threshold_decay,
             "prompt_tokens": prompt_ids.shape[1],
             "max_prompt_tokens": budget,
             "layer_tokens": run.layer_tokens,
