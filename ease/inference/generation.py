@@ -360,6 +360,31 @@ def encode_prompts(
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _prompt_ids(
+    model: Backbone,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    max_context: int | None,
+) -> tuple[torch.Tensor, int]:
+    """The prompt's ids (B, T0) on the model's device, cut to the context budget, and that budget."""
+    budget = prompt_budget(model, max_new_tokens, max_context)
+    device = next(model.parameters()).device
+    return encode_prompts(tokenizer, prompt, batch_size, budget).to(device), budget
+
+
+@contextmanager
+def _eval_mode(model: Backbone) -> Iterator[None]:
+    """Decode in eval mode; give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def generate(
     model: Backbone,
     tokenizer: Tokenizer,
@@ -401,20 +426,15 @@ def generate(
         ValueError: (naming the argument) bad settings, max_new_tokens above MAX_NEW_TOKENS (4096) or the
             backbone's positions, or a prompt the tokenizer cannot encode.
     """
-    if batch_size is None:
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    batch_size = batch_size if batch_size is not None else 1 if isinstance(prompt, str) else len(prompt)
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, kv_mode, decoder)
-    budget = prompt_budget(model, max_new_tokens, max_context)
-    device = next(model.parameters()).device
-    prompt_ids = encode_prompts(tokenizer, prompt, batch_size, budget).to(device)
+    prompt_ids, budget = _prompt_ids(model, tokenizer, prompt, batch_size, max_new_tokens, max_context)
     exits, thresholds = normalize_routing(
         model.exit_layers if exit_layer is None else exit_layer,
         model.routing_thresholds if routing_threshold is None else routing_threshold,
         model.num_layers,
     )
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         if warmup_steps > 0:
             warm = SamplingConfig(warmup_steps, temperature, top_k, batch_size, kv_mode, decoder)
             decode(model, prompt_ids, warm, seed, exit_layer, routing_threshold, threads=threads)
@@ -425,8 +445,6 @@ def generate(
         full = None
         if compare_full_depth:
             full = decode(model, prompt_ids, sampling, seed, exit_layer, 0.0, threads=threads)
-    finally:
-        model.train(was_training)
     L = model.num_layers
     n_tokens = run.tokens.numel()
     mean_layers = run.exit_layers.double().mean().item()
@@ -493,28 +511,21 @@ def generate_speculative(
     from ease.inference.speculative import SelfSpeculativeDecoder, check_speculative
 
     check_speculative(model, draft_exit, num_speculations)
-    if batch_size is None:
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    batch_size = batch_size if batch_size is not None else 1 if isinstance(prompt, str) else len(prompt)
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, batch_size, "propagate", "reference")
-    budget = prompt_budget(model, max_new_tokens, max_context)
-    device = next(model.parameters()).device
-    prompt_ids = encode_prompts(tokenizer, prompt, batch_size, budget).to(device)
+    prompt_ids, budget = _prompt_ids(model, tokenizer, prompt, batch_size, max_new_tokens, max_context)
 
     def speculate(n: int) -> tuple[torch.Tensor, Any]:
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(device=prompt_ids.device).manual_seed(seed)
         decoder = SelfSpeculativeDecoder(model, draft_exit, num_speculations, temperature, top_k, generator, adaptive)
         return decoder.generate(prompt_ids, n)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with intra_op_threads(threads):
             if warmup_tokens > 0:
                 speculate(warmup_tokens)
             tokens, stats = speculate(max_new_tokens)
         full = decode(model, prompt_ids, sampling, seed, None, 0.0, threads=threads) if compare_full_depth else None
-    finally:
-        model.train(was_training)
     n_tokens = tokens.numel()
     tokens_per_s = n_tokens / stats.seconds
     full_tps = n_tokens / full.seconds if full is not None else None

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ease.io import atomic_write
 from ease.results.collect import METRICS_FILE, collect
-from ease.results.group import curve_params, finished, group_runs, pareto_front, threshold_table
+from ease.results.group import curve_params, failed, finished, group_runs, pareto_front, pruned, threshold_table
 from ease.results.plots import plot_pareto, plot_threshold_curves
 from ease.results.significance import compare_groups, find_baseline
 from ease.results.tables import main_table, markdown_table, render_markdown, significance_sentences
@@ -107,13 +107,12 @@ def _echo(res: Results, main: pd.DataFrame, out_dir: Path) -> str:
     runs = res.runs
     lines = [f"results: {len(runs)} runs, {len(res.groups)} groups -> {out_dir}", markdown_table(main)]
     lines += significance_sentences(res.groups, res.params)
-    pruned = runs[runs["status"] == "pruned"] if not runs.empty else runs
-    if not pruned.empty:
-        lines.append(f"pruned runs ({len(pruned)}): " + ", ".join(str(r) for r in pruned["run"]))
-    failed = runs[~runs["status"].isin(["ok", "pruned"])] if not runs.empty else runs
-    if not failed.empty:
-        lines.append(f"failed runs ({len(failed)}):")
-        lines += [f"  {r.run}: {str(r.error or r.status).splitlines()[0][:160]}" for r in failed.itertuples()]
+    stopped, bad = pruned(runs), failed(runs)
+    if not stopped.empty:
+        lines.append(f"pruned runs ({len(stopped)}): " + ", ".join(str(r) for r in stopped["run"]))
+    if not bad.empty:
+        lines.append(f"failed runs ({len(bad)}):")
+        lines += [f"  {r.run}: {str(r.error or r.status).splitlines()[0][:160]}" for r in bad.itertuples()]
     lines += [f"skipped {f}: {why}" for f, why in res.skipped]
     return "\n".join(lines)
 

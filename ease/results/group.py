@@ -43,6 +43,16 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "ok"] if not runs.empty else runs
 
 
+def pruned(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a sweep's pruner stopped: listed apart, neither finished nor failed."""
+    return runs[runs["status"] == "pruned"] if not runs.empty else runs
+
+
+def failed(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that neither finished nor were pruned (failed, interrupted, non-finite)."""
+    return runs[~runs["status"].isin(["ok", "pruned"])] if not runs.empty else runs
+
+
 def group_runs(runs: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
     """Runs that differ only in seed -> one row: the params, n, seeds, <metric>_mean and <metric>_std.
 

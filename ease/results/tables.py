@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ease.results.group import curve_params
+from ease.results.group import curve_params, failed, pruned
 from ease.results.significance import ALPHA, CONFIDENCE, METRICS, MIN_RUNS, N_RESAMPLES
 
 if TYPE_CHECKING:  # cli imports this module: only the type, to avoid a cycle
@@ -273,21 +273,21 @@ def render_markdown(res: Results, sources: Sequence[Path], main: pd.DataFrame, b
         markdown_table(pareto_display(res.pareto, res.params)),
         "",
     ]
-    pruned = runs[runs["status"] == "pruned"] if not runs.empty else runs
-    if not pruned.empty:  # stopped by the sweep's pruner: not failures, and not in the means above
-        table = pruned[["run", "error"]].rename(columns={"error": "stopped"})
+    stopped = pruned(runs)
+    if not stopped.empty:  # stopped by the sweep's pruner: not failures, and not in the means above
+        table = stopped[["run", "error"]].rename(columns={"error": "stopped"})
         lines += [
             "## Pruned runs (stopped by the sweep's pruner; not in the tables above)",
             "",
             markdown_table(table),
             "",
         ]
-    failed = runs[~runs["status"].isin(["ok", "pruned"])] if not runs.empty else runs
+    bad = failed(runs)
     lines += ["## Failed runs", ""]
-    if failed.empty:
+    if bad.empty:
         lines += ["(none)", ""]
     else:
-        table = failed[["run", "status", "error"]].copy()
+        table = bad[["run", "status", "error"]].copy()
         table["error"] = table["error"].map(lambda e: str(e).splitlines()[0][:200] if e else "")
         lines += [markdown_table(table), ""]
     if res.skipped:
