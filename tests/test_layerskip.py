@@ -336,3 +336,16 @@ def test_one_step_on_a_tiny_hf_llama(tmp_path: Path) -> None:
     assert m["training"]["steps_run"] == 1 and m["ppl"] > 1
     assert m["curriculum"]["active_steps"] == {"1": 1, "2": 0, "3": 1}
     assert m["layer_dropout"]["rows"]["3"] > 0
+
+
+@pytest.mark.slow  # torchrun with 2 processes: ~20 s
+def test_layerskip_under_ddp(tmp_path: Path) -> None:
+    from test_distributed import torchrun
+
+    args = [*RUN, "train.max_steps=6", "train.eval_every=3", "train.patience=5", f"hydra.run.dir={tmp_path}"]
+    proc = torchrun(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = read(tmp_path)
+    assert m["training"]["world_size"] == 2 and m["curriculum"]["steps"] == 6
+    assert m["curriculum"]["active_steps"] == {"1": 4, "2": 4, "3": 6}
+    assert m["layer_dropout"]["rows"]["3"] > 0
