@@ -640,7 +640,8 @@ class Trainer:
                 raise ValueError("train.max_steps: set train.max_steps or train.max_epochs (both are null)")
             rounds = max_epochs
             self.total_epochs = max_epochs
-            self.planned_steps = max_epochs * self.steps_per_epoch(train_batches)
+            if self.curriculum is not None and hasattr(train_batches, "__len__"):  # a gradual curriculum spans them
+                self.planned_steps = max_epochs * self.steps_per_epoch(train_batches)
             if self.lr_schedule is not None:
                 self.lr_schedule.total_steps = max_epochs * self.steps_per_epoch(train_batches)
         watched = self.effective_monitor(monitor)
