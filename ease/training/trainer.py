@@ -31,7 +31,7 @@ from ease.curriculum import ExitCurriculum
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
 from ease.losses import weighted_exit_loss
-from ease.model.backbone import Backbone
+from ease.model.backbone import Backbone, LayerFn
 from ease.model.layer_dropout import LayerDropout
 from ease.routing import normalize_routing
 from ease.schedule import apply_alpha
@@ -262,7 +262,7 @@ class Trainer:
             return weights
         return self.curriculum.weights(self.step, self.planned_steps, num_layers)
 
-    def layer_fn(self, model: Backbone) -> Any:
+    def layer_fn(self, model: Backbone) -> LayerFn | None:
         """Layer dropout's `layer_fn` while the model trains (None: every layer runs on every row)."""
         if self.layer_dropout is None or not model.training:
             return None
