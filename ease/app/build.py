@@ -16,6 +16,7 @@ from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
+from ease.model.layer_dropout import LayerDropoutConfig
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
@@ -33,6 +34,7 @@ GROUPS = {
     "routing": RoutingConfig,
     "schedule": ScheduleConfig,
     "task": TaskConfig,
+    "layer_dropout": LayerDropoutConfig,
 }
 
 

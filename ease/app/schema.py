@@ -29,6 +29,7 @@ from ease.inference.decoder import KV_MODES
 from ease.inference.generation import DECODERS
 from ease.losses import LossWeightsConfig
 from ease.model.config import ModelConfig
+from ease.model.layer_dropout import LayerDropoutConfig
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
 from ease.strategies import StrategyConfig
@@ -96,6 +97,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "cpu"

@@ -41,6 +41,7 @@ from ease.hf.backbone import HFBackbone
 from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
+from ease.model.layer_dropout import LayerDropout, dropout_rates
 from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
@@ -229,9 +230,30 @@ def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
         return TokenRoutedTrainer(
             config, vocab_size, cfg.device, cfg.train.grad_clip, min_route_fraction(cfg), progress=cfg.progress, **steps
         )
+    config = build.training_config(cfg)
+    L = build.model_depth(cfg)
     return Trainer(
-        build.training_config(cfg), vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, **steps
-    )
+        config, vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, **steps,
+        curriculum=build.group(cfg, "loss_weights").curriculum_for(L), layer_dropout=layer_dropout(cfg, L),
+    )  # fmt: skip
+
+
+def layer_dropout(cfg: DictConfig, num_layers: int) -> LayerDropout | None:
+    """LayerSkip's per-example layer dropout of the `layer_dropout` group (None when max_rate is 0)."""
+    settings = build.group(cfg, "layer_dropout")
+    if not settings.enabled:
+        return None
+    return LayerDropout(dropout_rates(num_layers, settings.max_rate, settings.scale), cfg.seed)
+
+
+def layerskip_record(trainer: Trainer, num_layers: int) -> dict[str, Any]:
+    """What the curriculum and the layer dropout did (the keys exist only when they are on)."""
+    out: dict[str, Any] = {}
+    if trainer.curriculum is not None:
+        out["curriculum"] = trainer.curriculum.record(trainer.step, trainer.planned_steps, num_layers)
+    if trainer.layer_dropout is not None:
+        out["layer_dropout"] = trainer.layer_dropout.record()
+    return out
 
 
 def run_device(cfg: DictConfig) -> str:
@@ -244,6 +266,8 @@ def run_device(cfg: DictConfig) -> str:
 
 def find_unused(trainer: Trainer, model: Backbone) -> bool:
     """DDP must be told when some parameters get no gradient: layers above the deepest weighted exit."""
+    if trainer.layer_dropout is not None:  # a layer may skip every row of a rank's batch
+        return True
     weights = trainer.config.weights_for(model.num_layers)
     return max(layer for layer, w in weights.items() if w > 0) < model.num_layers
 
@@ -305,6 +329,7 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
         )  # fmt: skip
         metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
         metrics["training"] = training_summary(cfg, trainer, result, ctx)
+        metrics.update(layerskip_record(trainer, model.num_layers))
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
@@ -522,6 +547,8 @@ def validate(cfg: DictConfig) -> None:
     if name == "ashem" and (cfg.train.max_steps is not None or cfg.train.grad_accum != 1):
         key = "max_steps" if cfg.train.max_steps is not None else "grad_accum"
         raise ValueError(f"train.{key}: ashem trains each phase by epochs with one batch per step; leave it unset")
+    if build.group(cfg, "layer_dropout").enabled and name != "standard":
+        raise ValueError(f"layer_dropout.max_rate: layer dropout trains with strategy=standard only, got {name!r}")
     if name == "standard":
         build.training_config(cfg)
     elif name == "token_routed":

@@ -13,7 +13,7 @@ The functions below are the protocol's shared compositions (every backbone gets 
 states after chosen layers, a range of layers, and the logits of chosen exits.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -119,14 +119,23 @@ def run_layers(model: Backbone, h: torch.Tensor, start: int, end: int, pos: int 
     return h
 
 
-def hidden_states(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """{layer: hidden state (B, T, C)} after each requested layer; no layer past the deepest one runs."""
+# Runs layer i on h (B, T, C) in place of `model.layer(i, h)`: training's layer dropout (ease.model.layer_dropout).
+LayerFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def hidden_states(
+    model: Backbone, x: torch.Tensor, layers: Iterable[int], layer_fn: LayerFn | None = None
+) -> dict[int, torch.Tensor]:
+    """{layer: hidden state (B, T, C)} after each requested layer; no layer past the deepest one runs.
+
+    `layer_fn(i, h)`, when given, runs each layer instead of `model.layer(i, h)`."""
     wanted = sorted(set(layers))
     check_layers(model, wanted)
+    run = model.layer if layer_fn is None else layer_fn
     h = model.embed(x)  # (B, T, C)
     out: dict[int, torch.Tensor] = {}
     for i in range(1, wanted[-1] + 1):
-        h = model.layer(i, h)
+        h = run(i, h)
         if i in wanted:
             out[i] = h
     return out
