@@ -29,6 +29,7 @@ from torch import nn
 from ease.config import TrainingConfig
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
+from ease.exit_classifier import classifier_loss
 from ease.losses import weighted_exit_loss
 from ease.model.backbone import Backbone
 from ease.routing import normalize_routing
@@ -216,6 +217,7 @@ class Trainer:
         self.totals: StepTotals | None = None  # the interval being trained
         self.resumed_totals: StepTotals | None = None  # an interrupted interval's sums, to carry on from
         self.last_span_seconds = 0.0
+        self.classifier_weight = 0.0  # > 0: the exit classifier's BCE joins the loss (routing.classifier.train=joint)
 
     # --- loss -------------------------------------------------------------------------------------------
 
@@ -262,6 +264,8 @@ class Trainer:
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
         loss, per_exit = weighted_exit_loss(model, x, y, weights)
+        if self.classifier_weight > 0:  # CALM's exit classifier trained jointly, on detached states
+            loss = loss + self.classifier_weight * classifier_loss(model, x)
         return BatchLoss(loss, None, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
