@@ -298,8 +298,8 @@ class RoutingConfig:
             raise ValueError(f"routing.kind: must be one of {', '.join(ROUTING_KINDS)}, got {self.kind!r}")
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"routing.confidence: must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}")
-        if self.calibrate.target is not None and self.kind != "confidence":
-            raise ValueError("routing.calibrate.target: calibration sets the exits' threshold; use routing=confidence")
+        if self.calibrate.metric is not None and self.kind != "confidence":
+            raise ValueError("routing.calibrate.metric: calibration sets the exits' threshold; use routing=confidence")
         if self.kind == "confidence" and not isinstance(self.threshold, list) and self.threshold == 0:
             raise ValueError(
                 "routing.threshold: must be in (0, 1] with routing=confidence (use routing=none for no exit)"
