@@ -37,6 +37,11 @@ _DEFINITIONS: dict[str, TrainingConfig] = {
     "layer_lr_increasing": TrainingConfig(
         layer_weights=asymmetric(_L, 0.7), routing_threshold=0.95, layer_lr_scales={1: 0.1, 2: 0.5, 3: 1.0}
     ),
+    # CALM (Schuster et al., 2022): deep supervision, exits at L1 and L2 by a learned classifier; the YAML adds the
+    # classifier's training and the Learn-then-Test calibration that replaces this threshold.
+    "calm": TrainingConfig(
+        layer_weights=uniform(_L), exit_layer=[1, 2], routing_threshold=0.9, confidence="classifier"
+    ),
 }
 PRESET_ALIASES = {
     "lpt": "deep_supervision",
