@@ -577,6 +577,8 @@ def check_calm(cfg: DictConfig, strategy: str) -> None:
             raise ValueError(
                 f"routing.confidence: {routing.confidence} runs with strategy=standard (or task=eval), got {strategy}"
             )
+    if routing.classifier.train != "none" and distributed.env_world_size() > 1:
+        raise ValueError("routing.classifier.train: exit classifiers train in a single process, not under torchrun")
     if routing.confidence == "classifier" and routing.classifier.train == "none":
         raise ValueError(
             "routing.confidence: classifier needs exit classifiers; set routing.classifier.train=joint|after"
