@@ -30,6 +30,7 @@ from ease.config import TrainingConfig
 from ease.curriculum import ExitCurriculum
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
+from ease.exit_classifier import classifier_loss
 from ease.losses import weighted_exit_loss
 from ease.model.backbone import Backbone, LayerFn
 from ease.model.layer_dropout import LayerDropout
@@ -225,6 +226,7 @@ class Trainer:
         self.layer_dropout = layer_dropout
         self.planned_steps: int | None = None  # the run's optimizer steps (a gradual curriculum spans them)
         self._drop_generator: torch.Generator | None = None  # layer dropout's draws of the current step
+        self.classifier_weight = 0.0  # > 0: the exit classifier's BCE joins the loss (routing.classifier.train=joint)
 
     # --- loss -------------------------------------------------------------------------------------------
 
@@ -285,6 +287,8 @@ class Trainer:
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
         loss, per_exit = weighted_exit_loss(model, x, y, weights, self.layer_fn(model))
+        if self.classifier_weight > 0:  # CALM's exit classifier trained jointly, on detached states
+            loss = loss + self.classifier_weight * classifier_loss(model, x)
         return BatchLoss(loss, None, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
