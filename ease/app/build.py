@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ease.app.schema import TaskConfig, check_top_level
+from ease.comparison import CompareConfig
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
@@ -33,6 +34,7 @@ GROUPS = {
     "routing": RoutingConfig,
     "schedule": ScheduleConfig,
     "task": TaskConfig,
+    "compare": CompareConfig,
 }
 
 
