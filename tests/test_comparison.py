@@ -224,3 +224,21 @@ def test_sweep_file_lists_the_methods() -> None:
     text = (REPO / "sweeps" / "methods.yaml").read_text()
     assert "+preset: standard_llm,deep_supervision,deed,asymmetric,ashem,token_routed" in text
     assert "override /compare: grid" in text
+
+
+@pytest.mark.slow
+def test_task_eval_on_a_checkpoint_gives_the_training_runs_grid(tmp_path: Path, wikitext_dir: Path) -> None:
+    grid = ["compare=grid", "compare.compute_grid=[0.2,0.6,1.0]", "compare.decode_repeats=1", "compare.decode_tokens=8"]
+    run = ["model=tiny", "data.max_chars=20000", "train.max_epochs=1", "progress=false", *grid]
+    proc = train_py("+preset=deed", *run, f"hydra.run.dir={tmp_path / 'train'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train_py("task=eval", f"checkpoint={tmp_path / 'train'}", "progress=false", *grid,
+                    f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained, evaluated = (
+        json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]["compute_grid"]["levels"]
+        for name in ("train", "eval")
+    )
+    assert [r["reachable"] for r in trained] == [r["reachable"] for r in evaluated] == [False, True, True]
+    for a, b in zip(trained[1:], evaluated[1:]):
+        assert a["threshold"] == b["threshold"] and a["test"] == b["test"]
