@@ -192,6 +192,20 @@ def test_the_table_is_mean_and_std_over_seeds_and_the_plot_is_written(tmp_path: 
     assert (tmp_path / "out" / "results_grid.csv").is_file()
 
 
+def test_a_fixed_cost_method_shows_at_its_level_marked(tmp_path: Path) -> None:
+    own = {"ppl": 31.0, "acc": 0.3, "loss": math.log(31.0), "compute_cost": 0.63}
+    for seed in (0, 1):
+        fake_run(tmp_path, f"a{seed}", "a", seed, [level(0.6, 30.0 + seed), level(1.0, 29.0 + seed)])
+        rows = fixed_cost_levels({**own, "ppl": 31.0 + seed}, [0.6, 1.0])
+        rows[0]["decode"] = {"tokens_per_s": 10.0, "full_depth_tokens_per_s": 8.0, "speedup": 1.25}
+        fake_run(tmp_path, f"m{seed}", "mod", seed, rows)
+    res = write_results([tmp_path], tmp_path / "out", baseline="preset=a")
+    row = res.grid.set_index(["preset", "target"]).loc[("mod", 0.6)]
+    assert row["fixed"] and row["n"] == 2 and row["test_ppl_mean"] == pytest.approx(31.5)
+    assert re.search(r"\| mod +\| 31\.50 ± 0\.71 \(2\) fixed @ 63% +\| unreachable +\|", res.markdown)
+    assert "60% (fixed)" in res.markdown
+
+
 def test_runs_without_a_grid_give_no_section(tmp_path: Path) -> None:
     fake_run(tmp_path, "0", "a", 0, [])
     res = write_results([tmp_path], tmp_path / "out", plots=False)
