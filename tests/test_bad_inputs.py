@@ -76,6 +76,7 @@ CASES = [
     Case("eval synthetic data for a word checkpoint", ["task=eval", "checkpoint={word_ckpt}", "task.checkpoint_data=false", *TINY_SYN], "task.checkpoint_data: synthetic data needs a synthetic tokenizer, but the checkpoint's tokenizer is word", setup=["word_ckpt"]),
     Case("eval data of unknown words", ["task=eval", "checkpoint={word_ckpt}", "task.checkpoint_data=false", "data.data_dir={words_dir}"], "the data does not match the checkpoint's tokenizer", setup=["word_ckpt", "words_dir"]),
     # configuration refused before training (tests/test_hardening_config.py tests the checks themselves)
+    Case("compute grid level above 1", [*TINY_SYN, "compare=grid", "compare.compute_grid=[0.5,1.5]"], "compare.compute_grid: each level must be in (0, 1], got 1.5"),
     Case("typo key added with +", [*TINY_SYN, "+modle=tiny"], "modle: not a config key; did you mean model?"),
     Case("unknown group key added with +", [*TINY_SYN, "+model.foo=1"], "model.foo: not a config key; the keys of model are num_layers, dim"),
     Case("sweep without -m", ["+sweep=alpha_grid", *TINY_SYN], "sweep: +sweep=alpha_grid needs -m (multirun); without it only one plain run would happen"),

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ease.app.schema import TaskConfig, check_top_level
+from ease.comparison import CompareConfig
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
@@ -35,6 +36,7 @@ GROUPS = {
     "schedule": ScheduleConfig,
     "task": TaskConfig,
     "layer_dropout": LayerDropoutConfig,
+    "compare": CompareConfig,
 }
 
 

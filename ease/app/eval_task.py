@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ease.app import build
 from ease.app.calibrate import calibrate_routing
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
+from ease.comparison import GRID_KEY, evaluate_grid
 from ease.config import TrainingConfig
 from ease.data import DataConfig, TokenBatches, build_data
 from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError, tokenizer_from_dict
@@ -222,6 +223,16 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         data_source=data.source,
         vocab_size=data.vocab_size,
     )
+    compare = build.group(cfg, "compare")
+    if compare.enabled:  # the checkpoint at every compute level: calibrated on val, scored on test
+        if data.test is None:
+            raise ValueError(f"compare.compute_grid: no test split for data {data_cfg.name!r} to score the grid on")
+        exits = compare.exit_layer if compare.exit_layer is not None else list(config.exit_layers)
+        own_test = metrics.get("test") if cfg.task.split == "val" else metrics
+        metrics[GRID_KEY] = evaluate_grid(
+            model, data.val, data.test, compare, [exits] if isinstance(exits, int) else exits, config.confidence,
+            cfg.device, fixed_test_metrics=own_test,
+        )  # fmt: skip
     log.info(
         "evaluated %s on %s: %d model pass(es), %d from cache", path, cfg.task.split, trainer.passes_run,
         trainer.passes_cached,

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from ease.app.loggers import LoggerConfig
+from ease.comparison import CompareConfig
 from ease.config import LrScalesConfig
 from ease.data import DataConfig
 from ease.inference.decoder import KV_MODES
@@ -99,6 +100,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # methods at equal compute (ease.comparison)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -35,6 +35,7 @@ from ease.app.calibrate import calibrate_routing
 from ease.app.loggers import build_loggers, check_loggers
 from ease.app.pruning import TrialPruned, active_reporter
 from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
+from ease.comparison import GRID_KEY, evaluate_grid
 from ease.config import TrainingConfig
 from ease.data import DataBundle, build_data
 from ease.distributed import DistContext, check_setup, full_state_dict, wrap
@@ -183,6 +184,44 @@ def final_metrics(
         vocab_size=data.vocab_size,
     )
     return metrics
+
+
+def compare_exits(cfg: DictConfig) -> list[int]:
+    """The exit(s) the compute grid routes at: compare.exit_layer, else the run's routing.exit_layer; checked
+    against the model's depth before any data is read."""
+    compare = build.group(cfg, "compare")
+    exits = compare.exit_layer if compare.exit_layer is not None else build.routing_settings(cfg)[0]
+    exits = [exits] if isinstance(exits, int) else [int(e) for e in exits]
+    L = build.model_depth(cfg)
+    if any(not 1 <= e < L for e in exits):
+        key = "compare.exit_layer" if compare.exit_layer is not None else "routing.exit_layer"
+        raise ValueError(f"{key}: the compute grid routes at a layer in 1..{L - 1} for a {L}-layer model, got {exits}")
+    return exits
+
+
+def add_compute_grid(cfg: DictConfig, metrics: dict[str, Any], model: Backbone, data: DataBundle, device: str) -> None:
+    """With compare.compute_grid set: the trained model at every compute level (calibrated on val, scored on
+    test, decoding timed) into metrics[GRID_KEY]; nothing at the default (an empty grid)."""
+    compare = build.group(cfg, "compare")
+    if not compare.enabled:
+        return
+    if data.test is None or distributed.current().enabled:
+        why = "the data has no test split" if data.test is None else "not run under torchrun (sharded model)"
+        log.warning("compare.compute_grid: skipped: %s", why)
+        metrics[GRID_KEY] = {"skipped": why, "levels": []}
+        return
+    grid = evaluate_grid(
+        model, data.val, data.test, compare, compare_exits(cfg), cfg.routing.confidence, device,
+        fixed_test_metrics=metrics.get("test"),
+    )  # fmt: skip
+    metrics[GRID_KEY] = grid
+    reached = [row for row in grid["levels"] if row["reachable"]]
+    log.info(
+        "compute grid (test): %s",
+        ", ".join(
+            f"{row['target']:.2f}->{row['test']['compute_cost']:.2f} ppl {row['test']['ppl']:.2f}" for row in reached
+        ),
+    )
 
 
 # --- strategy=standard and strategy=token_routed: one Trainer each -------------------------------------------
@@ -361,6 +400,7 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
             quality = exit_classifier.classifier_quality(model, data.val, trainer.device)
             metrics["exit_classifier"] = {**heads, "kind": classifier.kind, "layers": list(model.exit_layers),
                                           "val": quality}  # fmt: skip
+        add_compute_grid(cfg, metrics, model, data, device)
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
@@ -552,6 +592,7 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
     }
     if test is not None:
         metrics["strategy"]["final"]["test"] = headline(test)
+    add_compute_grid(cfg, metrics, r.model, data, cfg.device)
     out.finish(
         r.model,
         r.state,
@@ -588,6 +629,8 @@ def validate(cfg: DictConfig) -> None:
         min_route_fraction(cfg)
     elif name == "ashem":
         validate_ashem(cfg)
+    if build.group(cfg, "compare").enabled:
+        compare_exits(cfg)
     build.run_callbacks(cfg)
     check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
 

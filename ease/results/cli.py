@@ -11,6 +11,10 @@ its n seeds. Written into the output folder:
                        table (from each run's recorded curve), the Pareto front of PPL vs compute, failed runs,
                        and the files that could not be read; the significance table and, in words, which
                        differences from the baseline are significant (Holm, 0.05) and which are not
+  results_grid.csv     runs with a compute grid (compare=grid): per group and compute level, test PPL, achieved compute,
+                       tokens/s and speedup (mean/std over seeds), p vs the baseline (Holm); results.md's "Methods
+                       at equal compute" section shows it
+  methods_pareto.png   test PPL vs achieved compute per method over its grid levels, the front marked
   ppl_vs_compute.png   every run and group mean, the Pareto front marked
   threshold_curves.png PPL and compute against the routing threshold, one line per group
 Corrupt or half-written metrics.json files are reported (log warning and results.md) and skipped; an ok record
@@ -28,10 +32,19 @@ import pandas as pd
 
 from ease.io import atomic_write
 from ease.results.collect import METRICS_FILE, collect
-from ease.results.group import curve_params, failed, finished, group_runs, pareto_front, pruned, threshold_table
-from ease.results.plots import plot_pareto, plot_threshold_curves
+from ease.results.group import (
+    curve_params,
+    failed,
+    finished,
+    grid_table,
+    group_runs,
+    pareto_front,
+    pruned,
+    threshold_table,
+)
+from ease.results.plots import plot_methods_pareto, plot_pareto, plot_threshold_curves
 from ease.results.significance import compare_groups, find_baseline
-from ease.results.tables import main_table, markdown_table, render_markdown, significance_sentences
+from ease.results.tables import grid_display, main_table, markdown_table, render_markdown, significance_sentences
 
 
 @dataclass
@@ -47,6 +60,8 @@ class Results:
     missing: list[str] = field(default_factory=list)  # run folders without a metrics.json
     markdown: str = ""
     files: list[Path] = field(default_factory=list)
+    # methods at equal compute: one row per (group, compute level), from runs that recorded a compute grid
+    grid: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def write_results(
@@ -83,6 +98,9 @@ def write_results(
         skipped=skipped,
         missing=missing,
     )
+    if not groups.empty:
+        base = groups.loc[groups["baseline"].astype(bool), "group"]
+        res.grid = grid_table(runs, params, base.iloc[0] if len(base) else None)
     main = main_table(groups, params, baseline)
     res.markdown = render_markdown(res, sources, main, baseline)
     public = [c for c in runs.columns if not c.startswith("_")]
@@ -92,6 +110,12 @@ def write_results(
     atomic_write(res.files[-1], lambda tmp: groups.to_csv(tmp, index=False))
     res.files.append(out_dir / "results.md")
     atomic_write(res.files[-1], lambda tmp: tmp.write_text(res.markdown, encoding="utf-8"))
+    if not res.grid.empty:
+        res.files.append(out_dir / "results_grid.csv")
+        atomic_write(res.files[-1], lambda tmp: res.grid.to_csv(tmp, index=False))
+    if plots and not res.grid.empty and (res.grid["n"] > 0).any():
+        res.files.append(out_dir / "methods_pareto.png")
+        plot_methods_pareto(res.grid, params, res.files[-1])
     if plots and not finished(runs).empty:
         res.files.append(out_dir / "ppl_vs_compute.png")
         plot_pareto(runs, groups, params, res.files[-1])
@@ -106,6 +130,11 @@ def write_results(
 def _echo(res: Results, main: pd.DataFrame, out_dir: Path) -> str:
     runs = res.runs
     lines = [f"results: {len(runs)} runs, {len(res.groups)} groups -> {out_dir}", markdown_table(main)]
+    if not res.grid.empty:
+        lines += [
+            "methods at equal compute (test PPL at each compute level):",
+            markdown_table(grid_display(res.grid, res.params)),
+        ]
     lines += significance_sentences(res.groups, res.params)
     stopped, bad = pruned(runs), failed(runs)
     if not stopped.empty:

@@ -190,6 +190,9 @@ def record_row(record: dict[str, Any], name: str) -> dict[str, Any]:
     # Numbers only in the curve's metrics: a hand-edited "ppl": "n/a" becomes NaN instead of failing the table.
     row["_curve"] = [{**p, **{m: _number(p[m]) for m in CURVE_METRICS if m in p}} for p in curve] if curve else None
     row["_checkpoint"] = metrics.get("checkpoint")
+    grid = metrics.get("compute_grid")  # methods at equal compute (ease.comparison): its levels, if recorded
+    levels = grid.get("levels") if isinstance(grid, dict) else None
+    row["_grid"] = [p for p in levels if isinstance(p, dict)] if isinstance(levels, list) and levels else None
     return row
 
 

@@ -138,3 +138,84 @@ def pareto_front(groups: pd.DataFrame) -> pd.DataFrame:
         return groups
     mask = pareto_mask(groups["compute_cost_mean"], groups["ppl_mean"])
     return groups[mask].sort_values("compute_cost_mean").reset_index(drop=True)
+
+
+# --- methods at equal compute (each run's compute_grid record, ease.comparison) ------------------------------
+
+# Per grid level: column -> path inside the level's record; all on the TEST split except the calibration target.
+GRID_METRICS: dict[str, tuple[str, ...]] = {
+    "test_ppl": ("test", "ppl"),
+    "test_acc": ("test", "acc"),
+    "test_compute_cost": ("test", "compute_cost"),
+    "val_compute_cost": ("val_compute_cost",),
+    "tokens_per_s": ("decode", "tokens_per_s"),
+    "full_depth_tokens_per_s": ("decode", "full_depth_tokens_per_s"),
+    "speedup": ("decode", "speedup"),
+    "decode_compute_cost": ("decode", "decode_compute_cost"),
+}
+
+
+def _level_value(point: dict[str, Any], path: Sequence[str]) -> float:
+    value: Any = point
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def grid_points(runs: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
+    """One row per (finished run, grid level): the params, group, seed, target, reachable, fixed, GRID_METRICS."""
+    done = finished(runs)
+    if done.empty or "_grid" not in done:
+        return pd.DataFrame()
+    rows = []
+    for _, run in done.iterrows():
+        for point in run["_grid"] or []:
+            target = _level_value(point, ("target",))
+            if not math.isfinite(target):
+                continue
+            reachable = bool(point.get("reachable"))
+            row = {"group": run["group"], **{p: run[p] for p in params}, "seed": run["seed"], "run": run["run"]}
+            row.update(target=round(target, 6), reachable=reachable, fixed=bool(point.get("fixed")))
+            row.update({c: _level_value(point, path) if reachable else math.nan for c, path in GRID_METRICS.items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def grid_table(runs: pd.DataFrame, params: Sequence[str], baseline_group: str | None = None) -> pd.DataFrame:
+    """Methods at equal compute: per (group, level) mean/std over seeds of GRID_METRICS, n (runs that reached
+    the level), n_unreachable, fixed; and test PPL against `baseline_group` at the same level (Welch's t-test,
+    Holm over the groups compared at that level; ease.results.significance)."""
+    from ease.results.significance import holm, welch_p
+
+    points = grid_points(runs, params)
+    if points.empty:
+        return pd.DataFrame()
+    rows = []
+    for (group, target), part in points.groupby(["group", "target"], sort=False):
+        reached = part[part["reachable"]]
+        row: dict[str, Any] = {"group": group, **{p: part[p].iloc[0] for p in params}, "target": target}
+        row.update(n=len(reached), n_unreachable=int((~part["reachable"]).sum()), fixed=bool(part["fixed"].any()))
+        for metric in GRID_METRICS:
+            values = reached[metric].astype(float)
+            row[f"{metric}_mean"] = values.mean() if values.notna().any() else math.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if values.notna().sum() > 1 else math.nan
+        row["_ppl"] = reached["test_ppl"].astype(float).dropna().to_numpy()
+        rows.append(row)
+    first = {group: i for i, group in enumerate(dict.fromkeys(points["group"]))}  # the runs' order: the sweep's
+    table = pd.DataFrame(rows)
+    table = table.sort_values("target", kind="stable")
+    table = table.sort_values("group", key=lambda g: g.map(first), kind="stable").reset_index(drop=True)
+    table["baseline"] = table["group"] == baseline_group
+    table["ppl_p"] = math.nan
+    if baseline_group is not None and table["baseline"].any():
+        for _, level in table.groupby("target", sort=False):
+            base = level[level["baseline"]]
+            if base.empty:
+                continue
+            others = level[~level["baseline"]]
+            p = [welch_p(values, base["_ppl"].iloc[0]) for values in others["_ppl"]]
+            table.loc[others.index, "ppl_p"] = p
+            table.loc[others.index, "ppl_p_holm"] = holm(p) if p else []
+    if "ppl_p_holm" not in table:
+        table["ppl_p_holm"] = math.nan
+    return table.drop(columns=["_ppl"])

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from ease.io import atomic_write
-from ease.results.group import finished, pareto_front
+from ease.results.group import finished, pareto_front, pareto_mask
 from ease.results.tables import group_label
 
 
@@ -72,4 +72,35 @@ def plot_threshold_curves(thresholds: pd.DataFrame, params: Sequence[str], path:
     ax_ppl.set(xlabel="routing threshold", ylabel="PPL", title="PPL vs threshold")
     ax_cost.set(xlabel="routing threshold", ylabel="compute cost (%)", title="Compute vs threshold")
     ax_ppl.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_methods_pareto(grid: pd.DataFrame, params: Sequence[str], path: Path) -> None:
+    """methods_pareto.png: test PPL against the achieved test compute cost, one marker and line per method over
+    its grid levels (mean ± std over seeds), hollow where the cost is fixed; the front over every point in red."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    reached = grid[grid["n"] > 0]
+    markers = "osD^v<>phX*"
+    for i, (_, part) in enumerate(reached.groupby("group", sort=False)):
+        x, y = 100 * part["test_compute_cost_mean"], part["test_ppl_mean"]
+        (line,) = ax.plot(x, y, "-", lw=1, alpha=0.6)
+        face = ["none" if fixed else line.get_color() for fixed in part["fixed"]]
+        ax.errorbar(
+            x, y, xerr=100 * part["test_compute_cost_std"].fillna(0), yerr=part["test_ppl_std"].fillna(0),
+            fmt="none", ecolor=line.get_color(), capsize=2, lw=1,
+        )  # fmt: skip
+        ax.scatter(x, y, marker=markers[i % len(markers)], s=36, facecolors=face, edgecolors=line.get_color(),
+                   label=group_label(part.iloc[0], params))  # fmt: skip
+    if not reached.empty:
+        mask = pareto_mask(reached["test_compute_cost_mean"], reached["test_ppl_mean"])
+        front = reached[mask].sort_values("test_compute_cost_mean")
+        ax.plot(100 * front["test_compute_cost_mean"], front["test_ppl_mean"], "--", color="tab:red", lw=1.5,
+                label="Pareto front")  # fmt: skip
+        ax.scatter(100 * front["test_compute_cost_mean"], front["test_ppl_mean"], s=110, facecolors="none",
+                   edgecolors="tab:red")  # fmt: skip
+    ax.set_xlabel("achieved compute cost on test (% of layers)")
+    ax.set_ylabel("test PPL")
+    ax.set_title("Methods at equal compute (test split, mean ± std over seeds)")
+    ax.legend(fontsize=7)
     _save(fig, path)

@@ -27,6 +27,7 @@ LABELS = {
     "strategy": "Strategy",
     "schedule": "α schedule",
     "checkpoint": "Checkpoint",
+    "preset": "Method",
 }
 
 
@@ -230,6 +231,90 @@ def _sentence(row: pd.Series, metric: str) -> str:
     return f"{text}: {_verdict(row, metric)}"
 
 
+def _level(target: float) -> str:
+    return f"{100 * target:.0f}%"
+
+
+def _grid_cell(row: pd.Series) -> str:
+    """`22.95 ± 0.31 (3)`: test PPL over the seeds that reached the level; `unreachable`, or `fixed` marked."""
+    if row["n"] == 0:
+        return "unreachable"
+    text = f"{mean_std(row['test_ppl_mean'], row['test_ppl_std'])} ({row['n']})"
+    if row["fixed"]:
+        text += f" fixed @ {100 * row['test_compute_cost_mean']:.0f}%"
+    if row["n_unreachable"]:
+        text += f", {row['n_unreachable']} unreachable"
+    return text
+
+
+def grid_display(grid: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
+    """Methods at equal compute, one row per group: [settings] | one column per compute level: test PPL ± std (n)."""
+    if grid.empty:
+        return pd.DataFrame()
+    keep = [p for p in params if p in grid.columns]
+    out = []
+    for _, part in grid.groupby("group", sort=False):
+        row = {label(p): fmt_value(part[p].iloc[0]) for p in keep}
+        row.update({_level(t): _grid_cell(r) for t, (_, r) in zip(part["target"], part.iterrows())})
+        out.append(row)
+    return pd.DataFrame(out).fillna("—")
+
+
+def grid_details(grid: pd.DataFrame, params: Sequence[str]) -> pd.DataFrame:
+    """Per group and level: target | test PPL | achieved test compute% | decoded compute% | tokens/s | speedup
+    (over full depth, same decoder) | p vs baseline (Holm) | n."""
+    if grid.empty:
+        return pd.DataFrame()
+    reached = grid[grid["n"] > 0]
+    table = _settings_columns(reached, [p for p in params if p in reached.columns])
+    table["Target"] = reached["target"].map(_level) + reached["fixed"].map(lambda f: " (fixed)" if f else "")
+    columns = {
+        "Test PPL": ("test_ppl", 1.0, 2),
+        "Test compute%": ("test_compute_cost", 100.0, 1),
+        "Decode compute%": ("decode_compute_cost", 100.0, 1),
+        "Tokens/s": ("tokens_per_s", 1.0, 0),
+        "Speedup": ("speedup", 1.0, 2),
+    }
+    for name, (metric, scale, digits) in columns.items():
+        table[name] = [
+            mean_std(m, s, scale, digits) for m, s in zip(reached[f"{metric}_mean"], reached[f"{metric}_std"])
+        ]
+    table["PPL p (Holm)"] = ["baseline" if b else fmt_p(p) for b, p in zip(reached["baseline"], reached["ppl_p_holm"])]
+    table["n"] = reached["n"]
+    return table
+
+
+def grid_lines(grid: pd.DataFrame, params: Sequence[str]) -> list[str]:
+    """results.md's "Methods at equal compute" section (only when runs recorded a compute grid)."""
+    if grid.empty:
+        return []
+    base = grid[grid["baseline"]]
+    base_text = (
+        f"p (Holm): Welch's t-test of test PPL against {group_label(base.iloc[0], params)} at the same level, "
+        "Holm over the methods compared at that level."
+        if not base.empty
+        else "No baseline group (`--baseline`): no tests."
+    )
+    return [
+        "## Methods at equal compute (test split)",
+        "",
+        "Each run's threshold is calibrated on the validation split to each compute cost (layers computed / total "
+        "layers) and the TEST split is scored there: test PPL mean ± std over seeds (n = seeds that reached the "
+        "level). unreachable: no threshold gives that cost on the validation data; fixed: the method's cost is "
+        "not set by a threshold, shown at the level nearest its own cost.",
+        "",
+        markdown_table(grid_display(grid, params)),
+        "",
+        "Achieved compute and measured decoding speed at each level: Test compute% is the cost the calibrated "
+        "threshold gives on the test split (counted); Decode compute% and Tokens/s come from a short greedy "
+        "generation with the early-exit decoder at that threshold, Speedup over the same decoder at full depth, "
+        f"timed in turns (mean ± std over seeds). {base_text}",
+        "",
+        markdown_table(grid_details(grid, params)),
+        "",
+    ]
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """`table` as a markdown table, `(none)` when empty; cells are printed as they are (no number parsing)."""
     return table.to_markdown(index=False, disable_numparse=True) if not table.empty else "(none)"
@@ -260,6 +345,7 @@ def render_markdown(res: Results, sources: Sequence[Path], main: pd.DataFrame, b
             f"vs baseline: PPL improvement over the {group_label(base, res.params)} group (positive = lower PPL).",
             "",
         ]
+    lines += grid_lines(res.grid, res.params)
     lines += significance_lines(res.groups, res.params)
     lines += [
         "## Threshold analysis (from each run's one-pass curve)",
