@@ -69,7 +69,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def model_from_args(args: dict[str, Any]) -> Backbone:
-    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one), weights not loaded."""
+    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one; wrapped in
+    Mixture-of-Depths when they hold a `mod` entry), weights not loaded."""
+    if "mod" in args:
+        from ease.model.mod import MixtureOfDepths
+
+        inner_args = {key: value for key, value in args.items() if key != "mod"}
+        return MixtureOfDepths(model_from_args(inner_args), **args["mod"])
     if args.get("backbone") == "hf":
         from ease.hf import from_config_dict
 

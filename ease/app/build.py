@@ -16,6 +16,7 @@ from ease.data import DataConfig
 from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
+from ease.model.mod import MoDConfig, build_mod
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
@@ -26,6 +27,7 @@ from ease.training.config import TrainConfig
 GROUPS = {
     "strategy": StrategyConfig,
     "model": ModelConfig,
+    "mod": MoDConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "loss_weights": LossWeightsConfig,
@@ -133,19 +135,39 @@ def model(
     if m.backbone == "hf":
         from ease.hf import from_model_config
 
-        return from_model_config(m, vocab_size, num_layers, exit_layer, threshold, cfg.routing.confidence)
-    return EarlyExitTransformer(
-        vocab_size=vocab_size,
-        dim=m.dim,
-        num_layers=num_layers or m.num_layers,
-        num_heads=m.num_heads,
-        exit_layer=exit_layer,
-        routing_threshold=threshold,
-        hidden_dim=m.hidden_dim,
-        dropout=m.dropout,
-        tie_weights=m.tie_weights,
-        confidence=cfg.routing.confidence,
+        return with_mod(
+            cfg, from_model_config(m, vocab_size, num_layers, exit_layer, threshold, cfg.routing.confidence)
+        )
+    return with_mod(
+        cfg,
+        EarlyExitTransformer(
+            vocab_size=vocab_size,
+            dim=m.dim,
+            num_layers=num_layers or m.num_layers,
+            num_heads=m.num_heads,
+            exit_layer=exit_layer,
+            routing_threshold=threshold,
+            hidden_dim=m.hidden_dim,
+            dropout=m.dropout,
+            tie_weights=m.tie_weights,
+            confidence=cfg.routing.confidence,
+        ),
     )
+
+
+def mod_config(cfg: DictConfig, num_layers: int | None = None) -> MoDConfig:
+    """The `mod` group, checked against the strategy and the model's depth (Mixture-of-Depths, when enabled)."""
+    mod = group(cfg, "mod") if "mod" in cfg else MoDConfig()
+    if mod.enabled:
+        if cfg.strategy.name != "standard":
+            raise ValueError(f"mod.capacity: Mixture-of-Depths trains with strategy=standard, got {cfg.strategy.name}")
+        mod.capacities(num_layers or model_depth(cfg))
+    return mod
+
+
+def with_mod(cfg: DictConfig, backbone: Backbone) -> Backbone:
+    """The backbone, wrapped in Mixture-of-Depths when mod.capacity is set."""
+    return build_mod(backbone, mod_config(cfg, backbone.num_layers))
 
 
 def check_run_settings(cfg: DictConfig) -> None:

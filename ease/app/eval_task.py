@@ -32,6 +32,7 @@ from ease.data import DataConfig, TokenBatches, build_data
 from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError, tokenizer_from_dict
 from ease.evaluation import Batch, TokenStats
 from ease.io import atomic_save
+from ease.model.mod import MixtureOfDepths, mod_metrics
 from ease.training import Trainer
 
 log = logging.getLogger("ease")
@@ -179,6 +180,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "data_seed": data_seed,
         "device": str(cfg.device),
     }
+    if isinstance(model, MixtureOfDepths):  # this run's mod.inference routes the evaluation
+        model.inference = fingerprint["mod_inference"] = build.group(cfg, "mod").inference
     cache_dir = path.parent / CACHE_DIR if cfg.task.cache_stats else None
     trainer = CachedStatsTrainer(config, model.vocab_size, cfg.device, cache_dir, fingerprint)
     model.to(cfg.device)
@@ -210,6 +213,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         data_source=data.source,
         vocab_size=data.vocab_size,
     )
+    if isinstance(model, MixtureOfDepths):
+        metrics["mod"] = mod_metrics(model, batches)
     log.info(
         "evaluated %s on %s: %d model pass(es), %d from cache", path, cfg.task.split, trainer.passes_run,
         trainer.passes_cached,

@@ -41,6 +41,7 @@ from ease.hf.backbone import HFBackbone
 from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
+from ease.model.mod import MixtureOfDepths, mod_metrics
 from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
@@ -305,6 +306,8 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
         )  # fmt: skip
         metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
         metrics["training"] = training_summary(cfg, trainer, result, ctx)
+        if isinstance(model, MixtureOfDepths):  # both routings' ppl and the compute actually run
+            metrics["mod"] = mod_metrics(model, data.val)
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
@@ -529,6 +532,7 @@ def validate(cfg: DictConfig) -> None:
         min_route_fraction(cfg)
     elif name == "ashem":
         validate_ashem(cfg)
+    build.mod_config(cfg)
     build.run_callbacks(cfg)
     check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
 

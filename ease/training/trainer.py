@@ -262,6 +262,9 @@ class Trainer:
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
         loss, per_exit = weighted_exit_loss(model, x, y, weights)
+        auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. Mixture-of-Depths' routing predictor
+        if auxiliary is not None and (term := auxiliary()) is not None:
+            loss = loss + term
         return BatchLoss(loss, None, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
