@@ -1,11 +1,11 @@
 """Mixture-of-Depths: the wall time of a forward at capacity c against the same model at full depth.
 
-    python benchmarks/mod.py            # dim 512 and 1024; merges the key `mod` into benchmarks/results.json
+    python benchmarks/mod.py            # dims 512 and 1024; merges the key `mod` into benchmarks/results.json
     python benchmarks/mod.py --device cuda
 
-An untrained native model (6 layers, 8 heads, vocabulary 2000), batch 8 x 256 tokens, one CPU thread. The
+An untrained native model (6 layers, 8 heads, vocabulary 2000), batch 4 x 256 tokens, one CPU thread. The
 baseline is the plain model (no wrapper); each MoD setting wraps the same weights with routers of std 1 (any
-routing costs the same). Each timing is the minimum of 5 rounds of 3 forwards (torch.inference_mode), settings
+routing costs the same). Each timing is the minimum of 3 rounds of 2 forwards (torch.inference_mode), settings
 alternating within a round. Reported: the counted compute cost (share of token-layer block computations run),
 the speedup over the plain model, and the ideal speedup 1 / compute cost (blocks only: embedding and head run in
 full, so the ideal is not reachable).
@@ -28,7 +28,8 @@ from ease import EarlyExitTransformer  # noqa: E402
 from ease.io import write_json_atomic  # noqa: E402
 from ease.model.mod import MixtureOfDepths, MoDConfig  # noqa: E402
 
-V, L, HEADS, BATCH, SEQ = 2000, 6, 8, 8, 256
+V, L, HEADS, BATCH, SEQ = 2000, 6, 8, 4, 256
+ROUNDS = 3
 SETTINGS = {  # name: (capacity, every)
     "every_other_c0.5": (0.5, 2),
     "every_other_c0.125": (0.125, 2),
@@ -42,11 +43,11 @@ def timed(model: torch.nn.Module, x: torch.Tensor, device: str) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(2):
             model(x)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / 3
+        return (time.perf_counter() - t0) / 2
 
 
 def rows_for(dim: int, device: str) -> list[dict]:
@@ -62,7 +63,7 @@ def rows_for(dim: int, device: str) -> list[dict]:
     for model in models.values():  # warm-up
         timed(model, x, device)
     best = {name: float("inf") for name in models}
-    for _ in range(5):
+    for _ in range(ROUNDS):
         for name, model in models.items():
             best[name] = min(best[name], timed(model, x, device))
     rows = []

@@ -215,7 +215,7 @@ def test_without_mod_the_objective_is_unchanged() -> None:
 
 def test_param_groups_hold_routers_and_checkpoint_round_trips(tmp_path: Path) -> None:
     model = wrapped(native())
-    assert MoDTransformer is MixtureOfDepths
+    assert MoDTransformer is MixtureOfDepths and isinstance(model, Backbone)
     groups = dict(model.param_groups())
     assert all(any(p is q for q in groups["layer_2"]) for p in model.routers["2"].parameters())
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))

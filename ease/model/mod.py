@@ -372,6 +372,7 @@ def mod_metrics(model: MixtureOfDepths, batches: Iterable[Any]) -> dict[str, Any
     """Perplexity and counted compute cost under both inference routings (top-k and the causal predictor), and
     how often the predictor agrees with top-k on the top-k routing's own states. Restores the model's mode."""
     was_training, inference = model.training, model.inference
+    device = next(model.parameters()).device
     model.eval()
     out: dict[str, Any] = {
         "capacity": list(model.capacity),
@@ -386,6 +387,7 @@ def mod_metrics(model: MixtureOfDepths, batches: Iterable[Any]) -> dict[str, Any
             model.reset_counts()
             nll, tokens = 0.0, 0
             for x, y in batches:
+                x, y = x.to(device), y.to(device)
                 logits = model(x)
                 nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
                 tokens += y.numel()
@@ -405,8 +407,9 @@ def predictor_agreement(model: MixtureOfDepths, batches: Iterable[Any]) -> float
     """Share of (token, routed layer) decisions where predictor > 0 equals top-k membership (top-k routing)."""
     agree, total = 0, 0
     model.inference = "topk"
+    device = next(model.parameters()).device
     for x, _ in batches:
-        h = model.embed(x)
+        h = model.embed(x.to(device))
         for i in range(1, model.num_layers + 1):
             c = model.capacity[i - 1]
             if c is not None:
