@@ -241,6 +241,12 @@ def test_preset_trains_and_evaluates_with_both_routings(tmp_path: Path) -> None:
     assert evaluated["status"] == "ok", evaluated["error"]
     assert evaluated["metrics"]["ppl"] == pytest.approx(mod["ppl_predictor"])
     assert evaluated["metrics"]["mod"]["inference"] == "predictor"
+    generated = run(
+        compose([*small, "task=generate", f"checkpoint={tmp_path / 'train'}", "prompt=t1 t2 t3", "task.batch_size=2"]),
+        tmp_path / "g",
+    )
+    assert generated["status"] == "ok", generated["error"]
+    assert len(generated["metrics"]["token_ids"][0]) == 50 and 0 < generated["metrics"]["mod"]["compute_cost"] <= 1
 
 
 @pytest.mark.parametrize(
