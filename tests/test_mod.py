@@ -274,6 +274,10 @@ def test_bad_settings_for_the_model_fail_in_one_line(tmp_path: Path) -> None:
         MoDConfig(capacity=0.5, every=4).capacities(3)
     assert MoDConfig(capacity=0.5).capacities(4) == [None, 0.5, None, 0.5]
     assert MoDConfig(capacity=[1.0, 0.5, 0.25]).capacities(3) == [None, 0.5, 0.25]
+    with pytest.raises(ValueError, match=r"^mod.capacity: must be in \(0, 1\]"):  # through the app, before data
+        run(compose([*FAST, "mod.capacity=1.5"]), tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"^mod.capacity: needs one entry per layer \(3\), got 2"):
+        run(compose([*FAST, "model.num_layers=3", "mod.capacity=[0.5,0.5]"]), tmp_path / "bad_list")
     with pytest.raises(ValueError, match=r"^mod.capacity: Mixture-of-Depths trains with strategy=standard"):
         run(compose([*FAST, "+preset=token_routed", "mod.capacity=0.5"]), tmp_path / "run")
     with pytest.raises(ValueError, match=r"^task.mode: self-speculative decoding does not support"):
