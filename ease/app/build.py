@@ -129,30 +129,9 @@ def data_config(cfg: DictConfig) -> DataConfig:
 def model(
     cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
 ) -> Backbone:
-    """The backbone of the `model` group, sized to the data; `num_layers` / `routing` override the config."""
-    m = group(cfg, "model")
-    exit_layer, threshold = routing or routing_settings(cfg)
-    if m.backbone == "hf":
-        from ease.hf import from_model_config
-
-        return with_mod(
-            cfg, from_model_config(m, vocab_size, num_layers, exit_layer, threshold, cfg.routing.confidence)
-        )
-    return with_mod(
-        cfg,
-        EarlyExitTransformer(
-            vocab_size=vocab_size,
-            dim=m.dim,
-            num_layers=num_layers or m.num_layers,
-            num_heads=m.num_heads,
-            exit_layer=exit_layer,
-            routing_threshold=threshold,
-            hidden_dim=m.hidden_dim,
-            dropout=m.dropout,
-            tie_weights=m.tie_weights,
-            confidence=cfg.routing.confidence,
-        ),
-    )
+    """`backbone`, wrapped in Mixture-of-Depths when mod.capacity is set (`ease.model.mod`)."""
+    inner = backbone(cfg, vocab_size, num_layers, routing)
+    return build_mod(inner, mod_config(cfg, inner.num_layers))
 
 
 def mod_config(cfg: DictConfig, num_layers: int | None = None) -> MoDConfig:
@@ -165,9 +144,28 @@ def mod_config(cfg: DictConfig, num_layers: int | None = None) -> MoDConfig:
     return mod
 
 
-def with_mod(cfg: DictConfig, backbone: Backbone) -> Backbone:
-    """The backbone, wrapped in Mixture-of-Depths when mod.capacity is set."""
-    return build_mod(backbone, mod_config(cfg, backbone.num_layers))
+def backbone(
+    cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
+) -> Backbone:
+    """The backbone of the `model` group, sized to the data; `num_layers` / `routing` override the config."""
+    m = group(cfg, "model")
+    exit_layer, threshold = routing or routing_settings(cfg)
+    if m.backbone == "hf":
+        from ease.hf import from_model_config
+
+        return from_model_config(m, vocab_size, num_layers, exit_layer, threshold, cfg.routing.confidence)
+    return EarlyExitTransformer(
+        vocab_size=vocab_size,
+        dim=m.dim,
+        num_layers=num_layers or m.num_layers,
+        num_heads=m.num_heads,
+        exit_layer=exit_layer,
+        routing_threshold=threshold,
+        hidden_dim=m.hidden_dim,
+        dropout=m.dropout,
+        tie_weights=m.tie_weights,
+        confidence=cfg.routing.confidence,
+    )
 
 
 def check_run_settings(cfg: DictConfig) -> None:
