@@ -74,10 +74,19 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def model_from_args(args: dict[str, Any]) -> Backbone:
-    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one), weights not loaded;
-    with its exit classifier (`ease.exit_classifier`) when the args list one."""
+    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one; wrapped in
+    Mixture-of-Depths when they hold a `mod` entry), weights not loaded; with its exit classifier
+    (`ease.exit_classifier`) when the args list one."""
     args = dict(args)
     heads = args.pop("exit_classifier", None)
+    if "mod" in args:
+        from ease.model.mod import MixtureOfDepths
+
+        mod = args.pop("mod")
+        model = MixtureOfDepths(model_from_args(args), **mod)
+        if heads is not None:
+            attach(model, heads["layers"], heads["kind"])
+        return model
     if args.get("backbone") == "hf":
         from ease.hf import from_config_dict
 

@@ -54,6 +54,7 @@ PRESET_ALIASES = {
     "asymmetric_lr_increasing": "layer_lr_increasing",
 }
 STRATEGY_PRESETS = ("ashem", "token_routed")  # YAML only: see the module docstring
+MODEL_PRESETS = ("mod",)  # YAML only: Mixture-of-Depths is a model wrapper (the `mod` group), not a TrainingConfig
 
 
 class _Presets(Mapping[str, TrainingConfig]):

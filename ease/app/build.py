@@ -18,6 +18,7 @@ from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
 from ease.model.layer_dropout import LayerDropoutConfig
+from ease.model.mod import MoDConfig, build_mod
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
@@ -28,6 +29,7 @@ from ease.training.config import TrainConfig
 GROUPS = {
     "strategy": StrategyConfig,
     "model": ModelConfig,
+    "mod": MoDConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "loss_weights": LossWeightsConfig,
@@ -129,6 +131,24 @@ def data_config(cfg: DictConfig) -> DataConfig:
 
 
 def model(
+    cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
+) -> Backbone:
+    """`backbone`, wrapped in Mixture-of-Depths when mod.capacity is set (`ease.model.mod`)."""
+    inner = backbone(cfg, vocab_size, num_layers, routing)
+    return build_mod(inner, mod_config(cfg, inner.num_layers))
+
+
+def mod_config(cfg: DictConfig, num_layers: int | None = None) -> MoDConfig:
+    """The `mod` group, checked against the strategy and the model's depth (Mixture-of-Depths, when enabled)."""
+    mod = group(cfg, "mod") if "mod" in cfg else MoDConfig()
+    if mod.enabled:
+        if cfg.strategy.name != "standard":
+            raise ValueError(f"mod.capacity: Mixture-of-Depths trains with strategy=standard, got {cfg.strategy.name}")
+        mod.capacities(num_layers or model_depth(cfg))
+    return mod
+
+
+def backbone(
     cfg: DictConfig, vocab_size: int, num_layers: int | None = None, routing: tuple[Any, Any] | None = None
 ) -> Backbone:
     """The backbone of the `model` group, sized to the data; `num_layers` / `routing` override the config."""

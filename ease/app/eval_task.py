@@ -36,6 +36,7 @@ from ease.evaluation import Batch, TokenStats
 from ease.exit_classifier import check_confidence
 from ease.io import atomic_save
 from ease.routing import normalize_routing
+from ease.model.mod import MixtureOfDepths, mod_metrics
 from ease.training import Trainer
 
 log = logging.getLogger("ease")
@@ -186,6 +187,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "data_seed": data_seed,
         "device": str(cfg.device),
     }
+    if isinstance(model, MixtureOfDepths):  # this run's mod.inference routes the evaluation
+        model.inference = fingerprint["mod_inference"] = build.group(cfg, "mod").inference
     cache_dir = path.parent / CACHE_DIR if cfg.task.cache_stats else None
     trainer = CachedStatsTrainer(config, model.vocab_size, cfg.device, cache_dir, fingerprint)
     model.to(cfg.device)
@@ -233,6 +236,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             model, data.val, data.test, compare, [exits] if isinstance(exits, int) else exits, config.confidence,
             cfg.device, fixed_test_metrics=own_test,
         )  # fmt: skip
+    if isinstance(model, MixtureOfDepths):
+        metrics["mod"] = mod_metrics(model, batches)
     log.info(
         "evaluated %s on %s: %d model pass(es), %d from cache", path, cfg.task.split, trainer.passes_run,
         trainer.passes_cached,

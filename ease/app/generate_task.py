@@ -24,6 +24,7 @@ from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.data.tokenizers import tokenizer_from_dict
 from ease.inference.generation import SamplingConfig, generate, generate_speculative, prompt_budget
 from ease.inference.speculative import check_speculative
+from ease.model.mod import MixtureOfDepths
 
 log = logging.getLogger("ease")
 
@@ -75,6 +76,8 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     model.to(cfg.device)
     if cfg.task.mode == "speculative":
         return speculative_task(cfg, model, tokenizer, sampling, context, path, output_dir)
+    if isinstance(model, MixtureOfDepths):  # counts the routed decoding's block computations (the predictor's)
+        model.reset_counts()
     result = generate(
         model,
         tokenizer,
@@ -101,12 +104,15 @@ def generate_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         sampling.batch_size, sampling.max_new_tokens, result.tokens_per_s, result.mean_layers_per_token,
         100 * result.compute_cost, result.speedup, result.theoretical_speedup,
     )  # fmt: skip
-    return {
+    record = {
         **result.to_dict(),
         "checkpoint": str(path),
         "routing_source": routing_source,
         "num_parameters": model.num_parameters(),
     }
+    if isinstance(model, MixtureOfDepths):
+        record["mod"] = {"inference": "predictor", "compute_cost": model.compute_cost}
+    return record
 
 
 def speculative_task(

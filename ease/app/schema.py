@@ -31,6 +31,7 @@ from ease.inference.generation import DECODERS
 from ease.losses import LossWeightsConfig
 from ease.model.config import ModelConfig
 from ease.model.layer_dropout import LayerDropoutConfig
+from ease.model.mod import MoDConfig
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
 from ease.strategies import StrategyConfig
@@ -90,6 +91,7 @@ class TaskConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)  # Mixture-of-Depths (off while mod.capacity is null)
     data: DataConfig = field(default_factory=DataConfig)
     loss_weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
     lr_scales: LrScalesConfig = field(default_factory=LrScalesConfig)

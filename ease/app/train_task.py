@@ -45,6 +45,7 @@ from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
 from ease.model.layer_dropout import LayerDropout, dropout_rates
 from ease.routing import CalibrateConfig, needs_hidden
+from ease.model.mod import MixtureOfDepths, mod_metrics
 from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
@@ -401,6 +402,8 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
             metrics["exit_classifier"] = {**heads, "kind": classifier.kind, "layers": list(model.exit_layers),
                                           "val": quality}  # fmt: skip
         add_compute_grid(cfg, metrics, model, data, device)
+        if isinstance(model, MixtureOfDepths):  # both routings' ppl and the compute actually run
+            metrics["mod"] = mod_metrics(model, data.val)
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
@@ -631,6 +634,7 @@ def validate(cfg: DictConfig) -> None:
         validate_ashem(cfg)
     if build.group(cfg, "compare").enabled:
         compare_exits(cfg)
+    build.mod_config(cfg)
     build.run_callbacks(cfg)
     check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
 

@@ -92,12 +92,17 @@ class HFBackbone(BackboneMethods, nn.Module):
         pos: int = 0,
         cache: Any = None,
         active: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decoder layer i (1-indexed) on h (B, T, C) at positions pos..pos+T-1; see `Backbone.layer`."""
+        """Decoder layer i (1-indexed) on h (B, T, C) at positions pos..pos+T-1 (or `positions`); see
+        `Backbone.layer`."""
         position_ids = torch.arange(pos, pos + h.shape[1], device=h.device)[None]  # (1, T)
+        # Given positions go to the rotary table only: the mask stays causal in h's order, from contiguous ids
+        # (gaps in position_ids would read as packed sequences to transformers' masking).
+        rotary_ids = position_ids if positions is None else positions
         if active is not None and not bool(active.any()):  # every token skips: only its K/V for later tokens
             if cache is not None:
-                architectures.write_kv(self._parts, i - 1, h, position_ids, cache)
+                architectures.write_kv(self._parts, i - 1, h, rotary_ids, cache)
             return h
         sliding = architectures.is_sliding(self.hf.config, i - 1)
         mask = self._mask_fns[sliding](
@@ -108,7 +113,7 @@ class HFBackbone(BackboneMethods, nn.Module):
             position_ids=position_ids,
             layer_idx=None if cache is None else i - 1,  # each layer's cache may hold its own length
         )
-        out = architectures.call_layer(self._parts, i - 1, h, mask, position_ids, cache)
+        out = architectures.call_layer(self._parts, i - 1, h, mask, rotary_ids, cache)
         if active is not None:  # inactive tokens keep their state; their K/V were made from it above
             out = torch.where(active[..., None], out, h)
         return out

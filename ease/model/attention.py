@@ -36,6 +36,13 @@ class RotaryEmbedding(nn.Module):
             self._build(max(2 * self.cos_table.shape[0], start + length))
         return self.cos_table[start : start + length], self.sin_table[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for given positions (B, T) long, each (B, 1, T, hd/2): broadcast over the heads."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos_table.shape[0]:
+            self._build(max(2 * self.cos_table.shape[0], needed))
+        return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1, x2) of the head dimension; x is (B, nh, T, hd), cos/sin (T, hd/2) or broadcastable."""

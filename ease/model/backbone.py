@@ -70,13 +70,17 @@ class Backbone(Protocol):
         pos: int = 0,
         cache: Any = None,
         active: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run layer i on h (B, T, C), the tokens at positions pos..pos+T-1 -> (B, T, C).
 
         With `cache` (from `new_cache`), attend over the positions that layer i's cache holds and append this
         call's keys and values. With `active` (B, T) bool, only active tokens are updated; the others keep
         their input state and only provide keys and values (CALM state propagation). A backbone may compute
-        the inactive tokens fully and discard their outputs, at no change in the result.
+        the inactive tokens fully and discard their outputs, at no change in the result. With `positions`
+        (B, T) long, ascending in each row, the tokens sit at those positions instead (Mixture-of-Depths runs a
+        layer on a gathered sub-sequence): rotary backbones rotate by them, attention stays causal in h's order
+        (over the cache first, if any), and `pos` is not used.
         """
         ...
 

@@ -83,9 +83,16 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         pos: int = 0,
         cache: list[KVCache] | None = None,
         active: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Block i (1-indexed) on h (B, T, C) at positions pos..pos+T-1; see `Backbone.layer`."""
-        cos, sin = self.rope(pos, h.shape[1])
+        """Block i (1-indexed) on h (B, T, C) at positions pos..pos+T-1 (or `positions`); see `Backbone.layer`."""
+        if positions is not None:  # each token at its own position (a Mixture-of-Depths sub-sequence)
+            cos, sin = self.rope.at(positions)  # (B, 1, T, hd/2) each
+            if active is not None:  # per-row tables do not fit forward_active's gather: the plain fallback
+                out = self.layers[i - 1](h, cos, sin, None if cache is None else cache[i - 1])
+                return torch.where(active[..., None], out, h)
+        else:
+            cos, sin = self.rope(pos, h.shape[1])
         return self.layers[i - 1](h, cos, sin, None if cache is None else cache[i - 1], active)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:

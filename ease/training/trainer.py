@@ -289,6 +289,9 @@ class Trainer:
         loss, per_exit = weighted_exit_loss(model, x, y, weights, self.layer_fn(model))
         if self.classifier_weight > 0:  # CALM's exit classifier trained jointly, on detached states
             loss = loss + self.classifier_weight * classifier_loss(model, x)
+        auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. Mixture-of-Depths' routing predictor
+        if auxiliary is not None and (term := auxiliary()) is not None:
+            loss = loss + term
         return BatchLoss(loss, None, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
