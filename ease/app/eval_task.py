@@ -35,8 +35,8 @@ from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError, tokeniz
 from ease.evaluation import Batch, TokenStats
 from ease.exit_classifier import check_confidence
 from ease.io import atomic_save
-from ease.routing import normalize_routing
 from ease.model.mod import MixtureOfDepths, mod_metrics
+from ease.routing import normalize_routing
 from ease.training import Trainer
 
 log = logging.getLogger("ease")

@@ -44,8 +44,8 @@ from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
 from ease.model.layer_dropout import LayerDropout, dropout_rates
-from ease.routing import CalibrateConfig, needs_hidden
 from ease.model.mod import MixtureOfDepths, mod_metrics
+from ease.routing import CalibrateConfig, needs_hidden
 from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
