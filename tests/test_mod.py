@@ -249,6 +249,22 @@ def test_preset_trains_and_evaluates_with_both_routings(tmp_path: Path) -> None:
     assert len(generated["metrics"]["token_ids"][0]) == 50 and 0 < generated["metrics"]["mod"]["compute_cost"] <= 1
 
 
+def test_the_methods_grid_places_mod_at_its_causal_cost(tmp_path: Path, wikitext_dir: Path) -> None:
+    # compare=grid (ease.comparison): MoD's cost is set by its capacity, not a threshold, so its one test evaluation,
+    # with the causal predictor (top-k looks ahead), lands at the level nearest that cost and the others are marked.
+    over = ["model=tiny", "data=wikitext2", "data.max_chars=20000", "train.max_epochs=1", "progress=false"]
+    record = run(compose([*over, "+preset=mod", "compare=grid", "compare.decode_repeats=1"]), tmp_path / "run")
+    assert record["status"] == "ok", record["error"]
+    grid = record["metrics"]["compute_grid"]
+    placed = [row for row in grid["levels"] if row["reachable"]]
+    assert grid["fixed_cost"] and len(placed) == 1 and placed[0]["test"]["mod_inference"] == "predictor"
+    cost = placed[0]["test"]["compute_cost"]
+    levels = [row["target"] for row in grid["levels"]]
+    assert placed[0]["target"] == min(levels, key=lambda level: (abs(level - cost), level))
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert isinstance(model, MixtureOfDepths) and 0 < cost <= 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -21,6 +21,7 @@ model.*, lr_scales.*, train.*; loss_weights stays final_only and schedule consta
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,9 +212,15 @@ def add_compute_grid(cfg: DictConfig, metrics: dict[str, Any], model: Backbone, 
         log.warning("compare.compute_grid: skipped: %s", why)
         metrics[GRID_KEY] = {"skipped": why, "levels": []}
         return
+    fixed_metrics = metrics.get("test")
+    if isinstance(model, MixtureOfDepths):  # its cost is set by capacity, not a threshold: scored causally
+        mod = mod_metrics(model, data.test)
+        fixed_metrics = {"ppl": mod["ppl_predictor"], "loss": math.log(mod["ppl_predictor"]),
+                         "compute_cost": mod["compute_cost_predictor"], "mod_inference": "predictor"}  # fmt: skip
+        compare = dataclasses.replace(compare, fixed_cost=True)
     grid = evaluate_grid(
         model, data.val, data.test, compare, compare_exits(cfg), cfg.routing.confidence, device,
-        fixed_test_metrics=metrics.get("test"),
+        fixed_test_metrics=fixed_metrics,
     )  # fmt: skip
     metrics[GRID_KEY] = grid
     reached = [row for row in grid["levels"] if row["reachable"]]
