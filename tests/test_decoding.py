@@ -263,17 +263,20 @@ def test_fused_equals_reference_decoder(model, seqs, kv_mode) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("split_exit", [True, False])
-def test_fused_split_exit_equals_reference_decoder_with_mixed_exits(model, split_exit, batch) -> None:
+@pytest.mark.parametrize("split_exit,kv_with_layers", [(True, True), (True, False), (False, None)])
+def test_fused_split_exit_equals_reference_decoder_with_mixed_exits(model, split_exit, kv_with_layers, batch) -> None:
     """Batch 8 with rows stopping at different exits in one step (and batch 1's own path): the running rows'
-    matmuls on their own, attention over every row's cache, the skipped K/V from the exit matmul (fused) or a
-    matmul of the stopping rows (split): the same token ids, exit layers and logits as the reference decoder."""
+    matmuls on their own, attention over every row's cache, the skipped K/V from the exit matmul (fused), a
+    matmul of the stopping rows (split), or extra rows of each block's matmul above (kv_with_layers, with a
+    cascade: rows pending from exit 1 when exit 2's matmul gave the running rows' projections): the same token
+    ids, exit layers and logits as the reference decoder."""
     seqs = torch.randint(0, V, (batch, 20), generator=torch.Generator().manual_seed(2))
     exits, thresholds = cascade(model, seqs)
     kwargs = {"exit_layer": exits, "routing_threshold": thresholds}
     ref_logits, ref_exits, _ = run_decoder(EarlyExitDecoder, model, seqs, 6, **kwargs)
-    dec = FusedDecoder(model, batch, 20, split_exit=split_exit, **kwargs)
+    dec = FusedDecoder(model, batch, 20, split_exit=split_exit, kv_with_layers=kv_with_layers, **kwargs)
     assert bool(dec._exit_kv) == split_exit
+    assert dec._kv_with_layers == (bool(kv_with_layers) and batch > 1)
     dec.prefill(seqs[:, :6])
     logits, exit_layers = [], []
     for t in range(6, 20):

@@ -59,6 +59,9 @@ class FusedDecoder:
     Takes `EarlyExitDecoder`'s arguments and has its attributes (`layer_tokens`, `kv_tokens`, `pos`).
     `split_exit`: whether an exit computes the skipped blocks' K/V in a matmul of its own, for the stopping rows
     only (True), or in the exit's matmul (False); None: by the size of those weights (`_split_exit`).
+    `kv_with_layers` (split exits, batch > 1, propagate mode): the stopping rows' K/V of each block above computed
+    as extra rows of that block's q|k|v matmul for the running rows (True), or by one matmul at the exit (False);
+    None: True up to KV_WITH_LAYERS_MAX_BATCH rows (docs/speed.md, "Batched early exit").
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class FusedDecoder:
         kv_mode: str = "propagate",
         confidence: str | None = None,
         split_exit: bool | None = None,
+        kv_with_layers: bool | None = None,
     ) -> None:
         routing = decoder_routing(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode)
         self.exit_layers, self.routing_thresholds = routing
@@ -108,6 +112,10 @@ class FusedDecoder:
         if kv_mode == "recompute":
             self._hidden = torch.zeros(batch_size, max_len, C, device=self.device)  # pending positions' state
         self.refresh_weights()
+        split = bool(self._exit_w) and len(self._exit_kv) == len(self._exit_w)  # every active exit splits
+        if kv_with_layers is None:
+            kv_with_layers = batch_size <= KV_WITH_LAYERS_MAX_BATCH
+        self._kv_with_layers = kv_with_layers and split and batch_size > 1 and kv_mode == "propagate"
         self.reset()
 
     # --- state ------------------------------------------------------------------------------------------
@@ -379,12 +387,25 @@ class FusedDecoder:
         layer_logits: dict[int, torch.Tensor] | None = {} if return_layers else None
         rows: torch.Tensor | None = None  # indices of the rows still running; None = every row
         qk = v = None  # the next block's projections, when an exit matmul has computed them
+        # With `kv_with_layers`: stopped rows whose K/V the blocks above still need, (normalised exit states,
+        # batch rows); `fresh` joins `pending` after the next block (the exit matmul gave them that block's K/V).
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in range(L):
             if recompute:
                 h = self._block_recompute(i, h, rows, t)
             else:
                 if qk is None:
-                    qk, v = self._qkv(i, h)
+                    qk, v = self._qkv(i, h) if pending is None else self._qkv_pending(i, h, pending, t)
+                elif pending is not None:  # this block's projections came from an exit matmul (cascades)
+                    self._kv_pending(i, pending, t)
+                if fresh is not None:
+                    pending = (
+                        fresh
+                        if pending is None
+                        else (torch.cat((pending[0], fresh[0])), torch.cat((pending[1], fresh[1])))
+                    )
+                    fresh = None
                 h = self._block_one(i, h, qk, v, rows, t)
                 qk = v = None
                 self.layer_tokens += h.shape[0]
@@ -421,6 +442,8 @@ class FusedDecoder:
                 else:
                     logits_out[rows] = logits
                     exit_out[rows] = i + 1
+                if pending is not None:  # they need blocks i+1.. too: one matmul with the rows stopping now
+                    u, rows = torch.cat((u, pending[0])), torch.cat((rows, pending[1]))
                 self._finish(i, h, u, out, rows, t)
                 break
             if logits_out is None:
@@ -428,7 +451,13 @@ class FusedDecoder:
             stopped = stop.nonzero().squeeze(1) if rows is None else rows[stop]
             logits_out[stopped] = logits[stop]
             exit_out[stopped] = i + 1
-            self._finish(i, h[stop], u[stop], out[stop], stopped, t)
+            if self._kv_with_layers:  # block i+1's K/V from the exit matmul, the rest beside the running rows
+                C = self.dim
+                self._layer_kv(i + 1, out[stop, V + C : V + 2 * C], out[stop, V + 2 * C : V + 3 * C], stopped, t)
+                if i + 2 < L:
+                    fresh = (u[stop], stopped)
+            else:
+                self._finish(i, h[stop], u[stop], out[stop], stopped, t)
             keep = ~stop
             h = h[keep]
             rows = keep.nonzero().squeeze(1) if rows is None else rows[keep]
@@ -436,6 +465,34 @@ class FusedDecoder:
                 qk, v = self._next_qkv(out[keep], i)
         self.pos += 1
         return StepOutput(logits_out, exit_out, layer_logits)
+
+    def _qkv_pending(
+        self, i: int, h: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor], t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_qkv` for the running rows, with the pending stopped rows' K/V of block i from the same matmul.
+
+        Where a block's matmul costs about as much for 8 rows as for 4 (reading the weights dominates), the
+        stopped rows' K/V ride along nearly free, instead of a matmul of their own over every skipped block's
+        K/V weights (as large as a whole block at d = 7)."""
+        u, rows = pending
+        Ba, C = h.shape[0], self.dim
+        qkv = torch.mm(torch.cat((self._normalize(h), u)), self._blocks[i].qkv)
+        self._layer_kv(i, qkv[Ba:, C : 2 * C], qkv[Ba:, 2 * C :], rows, t)
+        return qkv[:Ba, : 2 * C], qkv[:Ba, 2 * C :]
+
+    def _kv_pending(self, i: int, pending: tuple[torch.Tensor, torch.Tensor], t: int) -> None:
+        """Block i's K/V of the pending stopped rows by a matmul of their own."""
+        u, rows = pending
+        kv = torch.mm(u, self._blocks[i].qkv[:, self.dim :])
+        self._layer_kv(i, kv[:, : self.dim], kv[:, self.dim :], rows, t)
+
+    def _layer_kv(self, i: int, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, t: int) -> None:
+        """Store block i's K (rotated to position t) and V of the given batch rows. keys, values: (n, C)."""
+        n, nh, hd = keys.shape[0], self.num_heads, self.head_dim
+        k = torch.mm(keys.reshape(-1, hd), self._rot[t]).view(n, nh, hd)
+        self._k_layer[i].select(3, t).index_copy_(0, rows, k)
+        self._v_layer[i].select(2, t).index_copy_(0, rows, values.reshape(n, nh, hd))
+        self.kv_tokens += n
 
     def _step_one_row(self, ids: torch.Tensor, t: int) -> StepOutput:
         """`step` for batch 1 in propagate mode: the same computation with no row bookkeeping at all."""
@@ -518,6 +575,9 @@ class FusedDecoder:
 # Above this many bytes of skipped blocks' K/V weights an exit computes them apart, for the stopping rows only
 # (`FusedDecoder._split_exit`): 256 KiB, about the weights a core reads in the time of a few extra calls.
 SPLIT_EXIT_BYTES = 256 * 1024
+# Up to this batch size a block's matmul costs about as much for all rows as for half of them on a CPU core
+# (reading the weights dominates), so stopped rows' K/V ride along with the running rows' projections.
+KV_WITH_LAYERS_MAX_BATCH = 8
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
