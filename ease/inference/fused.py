@@ -10,8 +10,13 @@ folded into the matmul that follows it, the next block's q/k/v taken from the ex
 projections looked up per word (batch 1), views by `narrow`/`select` rather than `[]` indexing, and no
 per-step Python containers.
 
-Propagate mode: a stopped row's skipped layers get K/V from the same matmul as the exit's logits (the
-layers' norm weights folded into a stacked weight), so a stop costs that wider matmul and the cache writes.
+Propagate mode: a stopped row's skipped layers get K/V projected from its exit state. While those layers'
+K/V weights are small (dim 64) they come from the exit's own matmul (one wider call); above 256 KiB the exit
+matmul gives only the logits and the next block's q|k|v, and the K/V come from a second matmul of the stopping
+rows only (`split_exit`), or, at batch <= 32, as extra rows of each block's matmul above (`kv_with_layers`).
+Batched steps run every block's matmuls for the running rows only, but attention over every row's cache in
+place (the stopped rows with q = 0), so no cache is gathered. docs/speed.md ("Batched early exit") has the
+profile behind these choices.
 Recompute mode keeps each row's pending positions and runs them, per row, in one chunk with the token that
 needs them. Weights are read when the decoder is built: build a new decoder (or call `refresh_weights`)
 after changing the model's weights. The decoder computes in float32.
@@ -575,9 +580,9 @@ class FusedDecoder:
 # Above this many bytes of skipped blocks' K/V weights an exit computes them apart, for the stopping rows only
 # (`FusedDecoder._split_exit`): 256 KiB, about the weights a core reads in the time of a few extra calls.
 SPLIT_EXIT_BYTES = 256 * 1024
-# Up to this batch size a block's matmul costs about as much for all rows as for half of them on a CPU core
-# (reading the weights dominates), so stopped rows' K/V ride along with the running rows' projections.
-KV_WITH_LAYERS_MAX_BATCH = 8
+# Up to this batch size stopped rows' K/V ride along with the running rows' projections: measured (CPU time, dim
+# 512, ~50% exits) faster than the split matmul at batch 8 (1.07x vs 1.00x full depth) and 32 (0.92x vs 0.86x).
+KV_WITH_LAYERS_MAX_BATCH = 32
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
