@@ -26,6 +26,7 @@ default grid, the headline keys (dim 512) merged into benchmarks/results.json (`
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -151,6 +152,7 @@ def merge_results(row: dict[str, Any], path: Path) -> None:
             "draft_exit": best["draft_exit"],
             "k": best["k"],
             "speedup_over_predicted": best["speedup_over_predicted"],
+            "median_speedup": statistics.median(r["speedup"] for r in spec["rows"]),
             "dim": row["dim"],
             "layers": row["layers"],
             "source": "benchmarks/width_grid.py",

@@ -38,14 +38,15 @@ def test_merge_keeps_other_keys(tmp_path: Path) -> None:
         for b, s in ((1, 1.8), (8, 1.1), (32, 1.2))
     }
     best = {"speedup": 1.5, "acceptance": 0.9, "draft_exit": 2, "k": 4, "speedup_over_predicted": 0.8}
-    row = {"dim": 512, "layers": 8, "generation": gen, "speculative": {"best": best, "exact_match": True}}
+    spec = {"best": best, "exact_match": True, "rows": [best, {**best, "speedup": 1.1}]}
+    row = {"dim": 512, "layers": 8, "generation": gen, "speculative": spec}
     width_grid.merge_results(row, path)
     out = json.loads(path.read_text())
     assert out["training"] == {"x": 1} and out["generation"]["rows"] == [1]
     assert out["generation"]["speedup_b1"] == 1.8 and out["generation"]["speedup_b8_over_full"] == 1.1
     assert out["generation"]["speedup_over_theoretical_b1"] == 0.9
     assert out["speculative"]["exact_match"] is True and out["speculative"]["speedup_b1"] == 1.5
-    assert out["speculative"]["acceptance"] == 0.9
+    assert out["speculative"]["acceptance"] == 0.9 and out["speculative"]["median_speedup"] == 1.3
 
 
 def test_gpu_script_parses_and_names_cuda() -> None:
