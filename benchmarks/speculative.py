@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,13 @@ from ease.inference.speculative import SelfSpeculativeDecoder  # noqa: E402
 OUT = REPO / "benchmarks"
 
 
-def train(run_dir: Path, dim: int, layers: int, heads: int, epochs: int) -> dict[str, Any]:
+def train(run_dir: Path, dim: int, layers: int, heads: int, epochs: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Train through `train.py` (deep supervision) into run_dir; `extra`: more Hydra overrides."""
     args = [
         sys.executable, str(REPO / "train.py"), "+preset=deep_supervision", f"model.dim={dim}",
         f"model.num_layers={layers}", f"model.num_heads={heads}", "data.vocab_size=2000",
         f"train.max_epochs={epochs}", f"train.patience={epochs}",
-        "progress=false", "threads=2", f"hydra.run.dir={run_dir}",
+        "progress=false", "threads=2", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)

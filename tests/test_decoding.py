@@ -260,3 +260,42 @@ def test_fused_equals_reference_decoder(model, seqs, kv_mode) -> None:
     assert (ref_exits < L).any() and (ref_exits == L).any()
     assert fused_exits.tolist() == ref_exits.tolist()
     assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("split_exit,kv_with_layers", [(True, True), (True, False), (False, None)])
+def test_fused_split_exit_equals_reference_decoder_with_mixed_exits(model, split_exit, kv_with_layers, batch) -> None:
+    """Batch 8 with rows stopping at different exits in one step (and batch 1's own path): the running rows'
+    matmuls on their own, attention over every row's cache, the skipped K/V from the exit matmul (fused), a
+    matmul of the stopping rows (split), or extra rows of each block's matmul above (kv_with_layers, with a
+    cascade: rows pending from exit 1 when exit 2's matmul gave the running rows' projections): the same token
+    ids, exit layers and logits as the reference decoder."""
+    seqs = torch.randint(0, V, (batch, 20), generator=torch.Generator().manual_seed(2))
+    exits, thresholds = cascade(model, seqs)
+    kwargs = {"exit_layer": exits, "routing_threshold": thresholds}
+    ref_logits, ref_exits, _ = run_decoder(EarlyExitDecoder, model, seqs, 6, **kwargs)
+    dec = FusedDecoder(model, batch, 20, split_exit=split_exit, kv_with_layers=kv_with_layers, **kwargs)
+    assert bool(dec._exit_kv) == split_exit
+    assert dec._kv_with_layers == (bool(kv_with_layers) and batch > 1)
+    dec.prefill(seqs[:, :6])
+    logits, exit_layers = [], []
+    for t in range(6, 20):
+        out = dec.step(seqs[:, t])
+        logits.append(out.logits)
+        exit_layers.append(out.exit_layer.clone())
+    fused_logits, fused_exits = torch.stack(logits, 1), torch.stack(exit_layers, 1)
+    if batch > 1:  # steps where some rows stop early and others go on: the compacted path ran
+        per_step = ref_exits.transpose(0, 1)
+        assert any(len(set(step.tolist())) >= 2 and (step < L).any() for step in per_step)
+    assert (ref_exits < L).any() and (ref_exits == L).any()
+    assert fused_exits.tolist() == ref_exits.tolist()
+    assert fused_logits.argmax(-1).tolist() == ref_logits.argmax(-1).tolist()
+    assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_split_exit_chosen_by_weight_size() -> None:
+    """By default an exit splits when the skipped blocks' K/V weights pass 256 KiB: not at dim 32, yes at 256."""
+    small, wide = peaky_model(V, 32, L, H), peaky_model(V, 256, L, H)
+    assert FusedDecoder(small, 2, 8, exit_layer=1, routing_threshold=0.5)._exit_kv == {}
+    dec = FusedDecoder(wide, 2, 8, exit_layer=1, routing_threshold=0.5)
+    assert list(dec._exit_kv) == [0] and dec._exit_kv[0].shape == (256, 2 * (L - 1) * 256)
