@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ease.app.schema import TaskConfig, check_top_level
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
+from ease.distillation import DistillConfig, Distiller, load_teacher
 from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
@@ -33,6 +34,7 @@ GROUPS = {
     "routing": RoutingConfig,
     "schedule": ScheduleConfig,
     "task": TaskConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -172,3 +174,11 @@ def run_callbacks(cfg: DictConfig) -> list[Any]:
             raise ValueError(f"callbacks.{name}: {spec._target_} has no on_epoch_end(epoch, row)")
         out.append(callback)
     return out
+
+
+def distiller(cfg: DictConfig, vocab_size: int, device: Any = "cpu") -> Distiller | None:
+    """The `distill` group's Distiller (its frozen teacher loaded on `device`), or None when it is off."""
+    d = group(cfg, "distill")
+    if not d.enabled:
+        return None
+    return Distiller(d.weight, d.temperature, load_teacher(d.teacher, vocab_size, device) if d.teacher else None)

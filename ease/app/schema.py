@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from ease.app.loggers import LoggerConfig
 from ease.config import LrScalesConfig
 from ease.data import DataConfig
+from ease.distillation import DistillConfig
 from ease.inference.decoder import KV_MODES
 from ease.inference.generation import DECODERS
 from ease.losses import LossWeightsConfig
@@ -97,6 +98,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ease.config import TrainingConfig
+from ease.distillation import Distiller
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
 from ease.losses import weighted_exit_loss
@@ -190,6 +191,7 @@ class Trainer:
         precision: str = "fp32",
         lr_schedule: LrSchedule | None = None,
         dist: DistContext = SINGLE,
+        distill: Distiller | None = None,
     ) -> None:
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip >= 0):
             raise ValueError(
@@ -216,6 +218,7 @@ class Trainer:
         self.totals: StepTotals | None = None  # the interval being trained
         self.resumed_totals: StepTotals | None = None  # an interrupted interval's sums, to carry on from
         self.last_span_seconds = 0.0
+        self.distill = distill  # distillation to the exits (ease.distillation); None = the weighted CE alone
 
     # --- loss -------------------------------------------------------------------------------------------
 
@@ -261,12 +264,15 @@ class Trainer:
 
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
+        if self.distill is not None:  # + the KL to the teacher; the report is each student exit's KL
+            out = self.distill.loss(model, x, y, weights)
+            return BatchLoss(out.loss, {"kl": out.kl, "tokens": out.tokens}, out.per_exit)
         loss, per_exit = weighted_exit_loss(model, x, y, weights)
         return BatchLoss(loss, None, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
         """A summary of one epoch's batch reports (None when the objective reports nothing)."""
-        return None
+        return self.distill.summary(reports) if self.distill is not None and reports else None
 
     def trained_weights(self, weights: dict[int, float], summary: dict[str, Any] | None, model: Backbone) -> dict:
         """The weights an epoch effectively trained with (subclasses: e.g. the share of tokens on each route)."""
@@ -633,7 +639,7 @@ class Trainer:
             if by_steps:
                 row.update(step=self.step, data_epoch=self.step / per_epoch)
             if result.stats is not None:
-                row["route"] = result.stats
+                row["distill" if self.distill is not None else "route"] = result.stats
             return EpochOutcome(row, result.tokens)
 
         def validate() -> Validation:
