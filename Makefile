@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,postgres,hf,loggers]'
+	$(PY) -m pip install --quiet -e '.[dev,postgres,hf,loggers,slurm]'
 	touch $@
 
 test: setup

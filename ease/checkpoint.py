@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ease.exit_classifier import attach, classifier_of
 from ease.io import atomic_save
 from ease.model.backbone import Backbone
 from ease.model.transformer import EarlyExitTransformer
@@ -45,7 +46,11 @@ def save_checkpoint(
     """Model weights (`weights`, default `model.state_dict()`; a sharded model passes its gathered full weights)
     + constructor arguments + the tokenizer's dict + anything else (e.g. the config)."""
     state = model.state_dict() if weights is None else weights
-    atomic_save({"model_args": model.config_dict(), "model": state, "tokenizer": tokenizer, **extra}, path)
+    args = model.config_dict()
+    clf = classifier_of(model)
+    if clf is not None:  # CALM's exit heads: rebuilt by model_from_args before the weights load
+        args["exit_classifier"] = clf.config_dict()
+    atomic_save({"model_args": args, "model": state, "tokenizer": tokenizer, **extra}, path)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", key: str = "checkpoint") -> dict:
@@ -69,12 +74,19 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def model_from_args(args: dict[str, Any]) -> Backbone:
-    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one), weights not loaded."""
+    """The architecture a checkpoint's model_args describe (native, or a Hugging Face one), weights not loaded;
+    with its exit classifier (`ease.exit_classifier`) when the args list one."""
+    args = dict(args)
+    heads = args.pop("exit_classifier", None)
     if args.get("backbone") == "hf":
         from ease.hf import from_config_dict
 
-        return from_config_dict(args)
-    return EarlyExitTransformer(**args)
+        model = from_config_dict(args)
+    else:
+        model = EarlyExitTransformer(**args)
+    if heads is not None:
+        attach(model, heads["layers"], heads["kind"])
+    return model
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Backbone, dict]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ease.losses import uniform
-from ease.routing import CONFIDENCE_MEASURES, normalize_routing
+from ease.routing import CONFIDENCES, normalize_routing
 from ease.schedule import AlphaSchedule
 
 
@@ -116,8 +116,8 @@ class TrainingConfig:
             self.alpha_schedule = AlphaSchedule(**self.alpha_schedule)
         if self.alpha_schedule is not None and not isinstance(self.alpha_schedule, AlphaSchedule):
             raise ValueError(f"alpha_schedule: must be an AlphaSchedule, got {type(self.alpha_schedule).__name__}")
-        if self.confidence not in CONFIDENCE_MEASURES:
-            raise ValueError(f"confidence: must be one of {sorted(CONFIDENCE_MEASURES)}, got {self.confidence!r}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence: must be one of {', '.join(CONFIDENCES)}, got {self.confidence!r}")
 
     @property
     def routing_enabled(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ease.losses import weighted_exit_terms
-from ease.model.backbone import Backbone, hidden_states
+from ease.model.backbone import Backbone, LayerFn, hidden_states
 
 
 @dataclass
@@ -93,13 +93,15 @@ def distilled_exit_loss(
     weight: float,
     temperature: float,
     teacher: Backbone | None = None,
+    layer_fn: LayerFn | None = None,
 ) -> DistillLoss:
     """The weighted exit loss plus the distillation term, from one head call over the weighted exits.
 
     Self (teacher None): the last layer must be weighted (its logits are the teacher, detached); the students
-    are the weighted exits below it. Frozen teacher: its last layer teaches every weighted exit.
+    are the weighted exits below it. Frozen teacher: its last layer teaches every weighted exit. `layer_fn`
+    runs the model's layers (layer dropout, `ease.losses.weighted_exit_loss`); the frozen teacher runs whole.
     """
-    ce, per_exit, layers, logits = weighted_exit_terms(model, x, y, weights)  # logits (k, B, T, V)
+    ce, per_exit, layers, logits = weighted_exit_terms(model, x, y, weights, layer_fn)  # logits (k, B, T, V)
     L = model.num_layers
     if teacher is None:
         if layers[-1] != L:
@@ -128,8 +130,10 @@ class Distiller:
     def kind(self) -> str:
         return "self" if self.teacher is None else "teacher"
 
-    def loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> DistillLoss:
-        return distilled_exit_loss(model, x, y, weights, self.weight, self.temperature, self.teacher)
+    def loss(
+        self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float], layer_fn: LayerFn | None = None
+    ) -> DistillLoss:
+        return distilled_exit_loss(model, x, y, weights, self.weight, self.temperature, self.teacher, layer_fn)
 
     def summary(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
         """An epoch's token-weighted mean KL per student exit, from the batches' reports."""

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ease.model.backbone import Backbone, exit_logits
-from ease.routing import confidence_fn, normalize_routing, route_from_confidences
+from ease.exit_classifier import check_confidence
+from ease.model.backbone import Backbone, exit_logits, exit_states
+from ease.routing import confidence_fn, measure_confidence, needs_hidden, normalize_routing, route_from_confidences
 from ease.stop import check_stop
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -27,6 +28,7 @@ class TokenStats:
     confidence: dict[int, torch.Tensor] = field(default_factory=dict)  # routing exits only
     nll: dict[int, torch.Tensor] = field(default_factory=dict)  # routing exits and the last layer
     correct: dict[int, torch.Tensor] = field(default_factory=dict)
+    argmax: dict[int, torch.Tensor] = field(default_factory=dict)  # routing exits and the last layer (LTT's risk)
     layer_nll_sum: dict[int, float] = field(default_factory=dict)  # every reported layer
     layer_correct: dict[int, int] = field(default_factory=dict)
     num_tokens: int = 0
@@ -80,33 +82,50 @@ def collect_token_stats(
     confidence: str = "max_prob",
     device: str | torch.device = "cpu",
 ) -> TokenStats:
-    """One pass over `batches`; heads run only at exit, report and last layers."""
+    """One pass over `batches`; heads run only at exit, report and last layers.
+
+    A hidden-state measure (saturation, classifier) also keeps the state before each exit (the embedding for
+    layer 1); logit measures take the same path as always.
+    """
     L = model.num_layers
-    measure = confidence_fn(confidence)
+    measure = None if needs_hidden(confidence) else confidence_fn(confidence)
+    check_confidence(model, confidence, exit_layers)
     tracked = sorted({*exit_layers, L})
     layers = sorted({*tracked, *report_layers})
     stats = TokenStats(num_layers=L)
-    parts: dict[str, dict[int, list[torch.Tensor]]] = {"confidence": {}, "nll": {}, "correct": {}}
+    parts: dict[str, dict[int, list[torch.Tensor]]] = {"confidence": {}, "nll": {}, "correct": {}, "argmax": {}}
     was_training = model.training
     model.eval()
     try:
         for x, y in batches:
             check_stop()  # evaluation passes over large data stop between batches too
             x, y = x.to(device), y.to(device)
-            logits = exit_logits(model, x, layers)
+            if measure is None:
+                states = exit_states(model, x, layers, {e - 1 for e in exit_layers})
+                logits = {layer: model.unembed(states[layer]) for layer in layers}
+            else:
+                logits = exit_logits(model, x, layers)
             target = y.reshape(-1)
             stats.num_tokens += target.numel()
             for layer in layers:
                 flat = logits[layer].reshape(-1, logits[layer].shape[-1]).float()  # (N, V)
                 nll = F.cross_entropy(flat, target, reduction="none")  # (N,)
-                correct = flat.argmax(-1) == target
+                pred = flat.argmax(-1)
+                correct = pred == target
                 stats.layer_nll_sum[layer] = stats.layer_nll_sum.get(layer, 0.0) + nll.double().sum().item()
                 stats.layer_correct[layer] = stats.layer_correct.get(layer, 0) + int(correct.sum().item())
                 if layer in tracked:
                     parts["nll"].setdefault(layer, []).append(nll.cpu())
                     parts["correct"].setdefault(layer, []).append(correct.cpu())
+                    parts["argmax"].setdefault(layer, []).append(pred.cpu())
                 if layer in exit_layers:
-                    parts["confidence"].setdefault(layer, []).append(measure(flat).cpu())
+                    if measure is None:
+                        C = states[layer].shape[-1]
+                        hidden, previous = states[layer].reshape(-1, C), states[layer - 1].reshape(-1, C)
+                        conf = measure_confidence(model, confidence, layer, flat, hidden, previous)
+                    else:
+                        conf = measure(flat)
+                    parts["confidence"].setdefault(layer, []).append(conf.cpu())
     finally:
         model.train(was_training)
     for name, per_layer in parts.items():
@@ -117,7 +136,7 @@ def collect_token_stats(
 def merge_token_stats(parts: Sequence[TokenStats]) -> TokenStats:
     """One TokenStats from several ranks' (each over its share of the tokens), as if from one pass."""
     merged = TokenStats(num_layers=parts[0].num_layers)
-    for name in ("confidence", "nll", "correct"):
+    for name in ("confidence", "nll", "correct", "argmax"):
         layers = getattr(parts[0], name)
         setattr(merged, name, {layer: torch.cat([getattr(p, name)[layer] for p in parts]) for layer in layers})
     for layer in parts[0].layer_nll_sum:

@@ -9,12 +9,14 @@ torchtune's early-exit loss scales. They are not normalised unless they say so: 
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ease.model.backbone import Backbone, hidden_states, run_layers
+from ease.curriculum import CURRICULA, ExitCurriculum
+from ease.model.backbone import Backbone, LayerFn, hidden_states, run_layers
 from ease.routing import confidence_fn
 
 # --- layer-weighting schemes ------------------------------------------------------------------------------
@@ -41,19 +43,53 @@ def asymmetric(num_layers: int, alpha: float, shallow: int = 1, middle: float = 
     return weights
 
 
-def linear_l(num_layers: int) -> dict[int, float]:
-    """Weight proportional to depth, normalised to sum 1 (LayerSkip's `l` scale)."""
-    total = num_layers * (num_layers + 1) / 2
-    return {layer: layer / total for layer in range(1, num_layers + 1)}
+def early_exit_scales(raw: dict[int, float], num_layers: int, e_scale: float = 1.0) -> dict[int, float]:
+    """LayerSkip's scaling of raw per-exit scales: every early exit (layer < L) times `e_scale`, the last layer
+    kept, then normalised to sum 1; layers not in `raw` get 0 (torchtune's early-exit loss scales)."""
+    scaled = {layer: value * (e_scale if layer < num_layers else 1.0) for layer, value in raw.items()}
+    total = sum(scaled.values())
+    return {layer: scaled.get(layer, 0.0) / total for layer in range(1, num_layers + 1)}
 
 
-def sqrt_l(num_layers: int) -> dict[int, float]:
+def _exits(num_layers: int, layers: Iterable[int] | None) -> list[int]:
+    """The exits that get loss, ascending (default: every layer)."""
+    return sorted(set(range(1, num_layers + 1) if layers is None else layers))
+
+
+def linear_l(num_layers: int, e_scale: float = 1.0, layers: Iterable[int] | None = None) -> dict[int, float]:
+    """Weight proportional to depth l, normalised to sum 1 over `layers` (default all; LayerSkip's `l` scale)."""
+    return early_exit_scales({layer: float(layer) for layer in _exits(num_layers, layers)}, num_layers, e_scale)
+
+
+def sum_l(num_layers: int, e_scale: float = 1.0, layers: Iterable[int] | None = None) -> dict[int, float]:
+    """Weight proportional to the running sum of the depths of the exits up to l (1, 1+2, 1+2+3, ... with every
+    exit on; LayerSkip's paper scale), normalised to sum 1."""
+    exits = _exits(num_layers, layers)
+    running = [float(sum(exits[: k + 1])) for k in range(len(exits))]
+    return early_exit_scales(dict(zip(exits, running)), num_layers, e_scale)
+
+
+def sqrt_l(num_layers: int, e_scale: float = 1.0, layers: Iterable[int] | None = None) -> dict[int, float]:
     """Weight proportional to sqrt(depth), normalised to sum 1."""
-    total = sum(math.sqrt(layer) for layer in range(1, num_layers + 1))
-    return {layer: math.sqrt(layer) / total for layer in range(1, num_layers + 1)}
+    return early_exit_scales({layer: math.sqrt(layer) for layer in _exits(num_layers, layers)}, num_layers, e_scale)
 
 
-LOSS_WEIGHT_KINDS = ("final_only", "uniform", "asymmetric", "shallow_deep", "with_middle", "custom")
+def inv_l(num_layers: int, e_scale: float = 1.0, layers: Iterable[int] | None = None) -> dict[int, float]:
+    """Weight proportional to 1/depth (the shallow exits weigh most), normalised to sum 1."""
+    return early_exit_scales({layer: 1.0 / layer for layer in _exits(num_layers, layers)}, num_layers, e_scale)
+
+
+def inv_sqrt_l(num_layers: int, e_scale: float = 1.0, layers: Iterable[int] | None = None) -> dict[int, float]:
+    """Weight proportional to 1/sqrt(depth), normalised to sum 1."""
+    exits = _exits(num_layers, layers)
+    return early_exit_scales({layer: 1.0 / math.sqrt(layer) for layer in exits}, num_layers, e_scale)
+
+
+# LayerSkip's early-exit scales (`loss_weights.kind`): each normalised over the exits that get loss, so a
+# curriculum (ease.curriculum) can switch exits on and off and the weights still sum to 1.
+EARLY_EXIT_SCALES = {"linear_l": linear_l, "sum_l": sum_l, "sqrt_l": sqrt_l, "inv_l": inv_l, "inv_sqrt_l": inv_sqrt_l}
+
+LOSS_WEIGHT_KINDS = ("final_only", "uniform", "asymmetric", "shallow_deep", "with_middle", "custom", *EARLY_EXIT_SCALES)
 _ALPHA_KINDS = ("asymmetric", "shallow_deep", "with_middle")
 
 
@@ -62,11 +98,17 @@ class LossWeightsConfig:
     """The `loss_weights` group: which scheme puts how much loss on which layer.
 
     Attributes:
-        kind: final_only | uniform | asymmetric | shallow_deep (= asymmetric) | with_middle | custom.
+        kind: final_only | uniform | asymmetric | shallow_deep (= asymmetric) | with_middle | custom, or one of
+            LayerSkip's early-exit scales linear_l | sum_l | sqrt_l | inv_l | inv_sqrt_l (normalised to sum 1).
         alpha: weight of the shallow exit (asymmetric, shallow_deep, with_middle); the last layer gets 1-α.
         middle: weight of every layer strictly between the shallow exit and the last (with_middle).
         shallow_layer: where α goes; None = the first routing exit layer.
         weights: custom: one weight per layer, shallowest first.
+        e_scale: the early-exit scales: every layer below the last times e_scale before normalising.
+        curriculum: none | rotational | gradual: which exits get loss at each optimizer step (ease.curriculum;
+            early-exit scales only).
+        rotation_period: rotational: R, every R-th layer active, the pattern rolling one layer per step.
+        gradual_fraction: gradual: the share of the run's steps after which every exit is on.
     """
 
     kind: str = "final_only"
@@ -74,6 +116,10 @@ class LossWeightsConfig:
     middle: float = 1.0
     shallow_layer: int | None = None
     weights: list[float] = field(default_factory=list)
+    e_scale: float = 1.0
+    curriculum: str = "none"
+    rotation_period: int = 2
+    gradual_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_WEIGHT_KINDS:
@@ -84,11 +130,39 @@ class LossWeightsConfig:
             raise ValueError(f"loss_weights.middle: must be a finite number >= 0, got {self.middle}")
         if self.shallow_layer is not None and self.shallow_layer < 1:
             raise ValueError(f"loss_weights.shallow_layer: layers are 1-indexed (>= 1), got {self.shallow_layer}")
+        self._check_early_exit()
+
+    def _check_early_exit(self) -> None:
+        scales = ", ".join(EARLY_EXIT_SCALES)
+        if isinstance(self.e_scale, bool) or not (math.isfinite(self.e_scale) and self.e_scale > 0):
+            raise ValueError(f"loss_weights.e_scale: must be a finite number > 0, got {self.e_scale}")
+        if self.e_scale != 1.0 and self.kind not in EARLY_EXIT_SCALES:
+            raise ValueError(f"loss_weights.e_scale: applies to the kinds {scales} only, got kind {self.kind!r}")
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"loss_weights.curriculum: must be one of {', '.join(CURRICULA)}, got {self.curriculum!r}")
+        if self.curriculum != "none" and self.kind not in EARLY_EXIT_SCALES:
+            raise ValueError(f"loss_weights.curriculum: needs one of the kinds {scales}, got kind {self.kind!r}")
+        period = self.rotation_period
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"loss_weights.rotation_period: must be an int >= 1, got {period!r}")
+        if not (math.isfinite(self.gradual_fraction) and 0 < self.gradual_fraction <= 1):
+            raise ValueError(f"loss_weights.gradual_fraction: must be in (0, 1], got {self.gradual_fraction}")
 
     @property
     def moves_alpha(self) -> bool:
         """True for the schemes an α schedule can move."""
         return self.kind in _ALPHA_KINDS
+
+    def curriculum_for(self, num_layers: int) -> ExitCurriculum | None:
+        """The exit curriculum (None for curriculum=none): the scale re-normalised over each step's exits."""
+        if self.curriculum == "none":
+            return None
+        scale, e_scale = EARLY_EXIT_SCALES[self.kind], self.e_scale
+
+        def scheme(active: frozenset[int]) -> dict[int, float]:
+            return scale(num_layers, e_scale, active)
+
+        return ExitCurriculum(self.curriculum, self.rotation_period, self.gradual_fraction, scheme)
 
     def layer_weights(self, num_layers: int, shallow: int) -> dict[int, float]:
         """{layer: weight} for an L-layer model; α goes on `shallow_layer`, else on `shallow`."""
@@ -103,6 +177,8 @@ class LossWeightsConfig:
             return asymmetric(num_layers, self.alpha, shallow)
         if self.kind == "with_middle":
             return asymmetric(num_layers, self.alpha, shallow, middle=self.middle)
+        if self.kind in EARLY_EXIT_SCALES:
+            return EARLY_EXIT_SCALES[self.kind](num_layers, self.e_scale)
         if len(self.weights) != num_layers:
             raise ValueError(
                 f"loss_weights.weights: custom needs one weight per layer ({num_layers}), got {list(self.weights)}"
@@ -114,24 +190,28 @@ class LossWeightsConfig:
 
 
 def weighted_exit_loss(
-    model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]
+    model: Backbone,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: dict[int, float],
+    layer_fn: LayerFn | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Σ_l w_l · CE(logits_l, y) over the layers with w_l > 0, and each of those layers' CE.
 
     The blocks run once up to the deepest weighted layer; the head runs once, on the stacked states of the
-    weighted layers only.
+    weighted layers only. `layer_fn(i, h)` runs layer i instead of `model.layer` (layer dropout).
     """
-    loss, per_layer, _, _ = weighted_exit_terms(model, x, y, weights)
+    loss, per_layer, _, _ = weighted_exit_terms(model, x, y, weights, layer_fn)
     return loss, per_layer
 
 
 def weighted_exit_terms(
-    model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]
+    model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float], layer_fn: LayerFn | None = None
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int], torch.Tensor]:
     """`weighted_exit_loss` and what it computed on the way: the weighted layers (ascending) and their logits
     (k, B, T, V), for objectives that add terms on the same exits (`ease.distillation`)."""
     layers = sorted(layer for layer, w in weights.items() if w > 0)
-    hidden = hidden_states(model, x, layers)  # {layer: (B, T, C)}
+    hidden = hidden_states(model, x, layers, layer_fn)  # {layer: (B, T, C)}
     h = torch.stack([hidden[layer] for layer in layers])  # (k, B, T, C)
     logits = model.unembed(h)  # (k, B, T, V): one head call for every weighted exit
     k, V = len(layers), logits.shape[-1]

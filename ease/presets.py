@@ -10,7 +10,7 @@ import copy
 from collections.abc import Iterator, Mapping
 
 from ease.config import TrainingConfig
-from ease.losses import asymmetric, final_only, uniform
+from ease.losses import asymmetric, final_only, sum_l, uniform
 
 _L = 3
 _DEFINITIONS: dict[str, TrainingConfig] = {
@@ -39,6 +39,14 @@ _DEFINITIONS: dict[str, TrainingConfig] = {
     ),
     "layer_lr_increasing": TrainingConfig(
         layer_weights=asymmetric(_L, 0.7), routing_threshold=0.95, layer_lr_scales={1: 0.1, 2: 0.5, 3: 1.0}
+    ),
+    # LayerSkip (Elhoushi et al., 2024): sum_l early-exit scales with every exit on (its curriculum and layer
+    # dropout are the YAML's loss_weights / layer_dropout groups), confidence exit at L1.
+    "layerskip": TrainingConfig(layer_weights=sum_l(_L), exit_layer=1, routing_threshold=0.9),
+    # CALM (Schuster et al., 2022): deep supervision, exits at L1 and L2 by a learned classifier; the YAML adds the
+    # classifier's training and the Learn-then-Test calibration that replaces this threshold.
+    "calm": TrainingConfig(
+        layer_weights=uniform(_L), exit_layer=[1, 2], routing_threshold=0.9, confidence="classifier"
     ),
 }
 PRESET_ALIASES = {

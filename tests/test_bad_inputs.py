@@ -94,7 +94,7 @@ CASES = [
     Case("negative patience", [*TINY_SYN, "train.patience=-1"], "train.patience: must be an int >= 1, got -1"),
     Case("zero batch size", [*TINY_SYN, "train.batch_size=0"], "data.batch_size: must be an int >= 1, got 0"),
     Case("validation fraction above 1", [*TINY_SYN, "data.val_fraction=1.5"], "data.val_fraction: must be a number in (0, 1), got 1.5"),
-    Case("unknown confidence measure", [*TINY_SYN, "routing.confidence=bogus"], "routing.confidence: must be one of ['max_prob', 'neg_entropy', 'top2_margin'], got 'bogus'"),
+    Case("unknown confidence measure", [*TINY_SYN, "routing.confidence=bogus"], "routing.confidence: must be one of max_prob, top2_margin, neg_entropy, saturation, classifier, got 'bogus'"),
     Case("α schedule without α", [*TINY_SYN, "schedule=linear"], "schedule.kind: 'linear' moves α, so loss_weights must be asymmetric, shallow_deep or with_middle, got 'final_only'"),
     Case("dropout of 1.5", [*TINY_SYN, "model.dropout=1.5"], "model.dropout: must be in [0, 1), got 1.5"),
     Case("model=hf without a model", [*TINY_SYN, "model=hf"], "model.name_or_path: model=hf needs model.name_or_path=DIR (a local model folder) or a hub name"),

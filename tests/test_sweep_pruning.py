@@ -111,6 +111,18 @@ def test_pruning_with_two_joblib_workers(tmp_path: Path) -> None:
     assert all(r["status"] == "pruned" for r in records(tmp_path).values())
 
 
+@pytest.mark.slow
+def test_pruning_with_the_submitit_local_launcher(tmp_path: Path) -> None:
+    # submitit's local executor runs each job in its own process, as on SLURM (the `slurm` extra); two at a time.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pruner = ["hydra.sweeper.pruner=threshold", "hydra.sweeper.pruner_args={upper: 1.0, n_warmup_steps: 2}"]
+    launcher = ["hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.launcher.tasks_per_node=1"]
+    proc = sweep(tmp_path, *launcher, "hydra.sweeper.n_trials=4", *pruner)
+    assert summary(proc) == (4, 0, 0, 4)
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["pruned_at"] == 2 for t in trials(tmp_path))
+    assert all(r["status"] == "pruned" for r in records(tmp_path).values())
+
+
 def test_without_a_pruner_trials_complete_and_carry_their_run_and_metrics(tmp_path: Path) -> None:
     proc = sweep(tmp_path, "hydra.sweeper.n_trials=2")
     assert summary(proc) == (2, 2, 0, 0)

@@ -20,6 +20,7 @@ from ease import (
     TrainingConfig,
     create_deep_supervision_config,
     create_standard_config,
+    exit_classifier,
     set_seed,
 )
 
@@ -523,6 +524,8 @@ def test_early_stopping_resumes_from_state():
 def test_every_preset_trains_one_step(name):
     config = PRESETS[name]
     model = make_model()
+    if config.confidence == "classifier":  # CALM's learned confidence reads exit heads on the model
+        exit_classifier.attach(model, config.exit_layers)
     trainer = Trainer(config, vocab_size=V)
     opt = trainer.create_optimizer(model, base_lr=1e-3)
     before = copy.deepcopy(model.state_dict())

@@ -17,6 +17,7 @@ from ease.distillation import DistillConfig, Distiller, load_teacher
 from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
+from ease.model.layer_dropout import LayerDropoutConfig
 from ease.model.transformer import EarlyExitTransformer
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
@@ -34,6 +35,7 @@ GROUPS = {
     "routing": RoutingConfig,
     "schedule": ScheduleConfig,
     "task": TaskConfig,
+    "layer_dropout": LayerDropoutConfig,
     "distill": DistillConfig,
 }
 

@@ -26,12 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ease.app import build
+from ease.app.calibrate import calibrate_routing
 from ease.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ease.config import TrainingConfig
 from ease.data import DataConfig, TokenBatches, build_data
 from ease.data.tokenizers import UNK, Tokenizer, TokenizerMismatchError, tokenizer_from_dict
 from ease.evaluation import Batch, TokenStats
+from ease.exit_classifier import check_confidence
 from ease.io import atomic_save
+from ease.routing import normalize_routing
 from ease.training import Trainer
 
 log = logging.getLogger("ease")
@@ -76,6 +79,7 @@ class CachedStatsTrainer(Trainer):
             "exits": sorted(int(e) for e in exit_layers),
             "report_layers": weighted,
             "confidence": self.config.confidence,
+            "fields": "argmax",  # passes cached before TokenStats kept argmaxes lack them: not reused
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         return self.cache_dir / f"{self.split}-{digest}.pt"
@@ -153,6 +157,8 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     model, ckpt = load_checkpoint(path, map_location=cfg.device)
     if not ckpt.get("tokenizer"):
         raise ValueError(f"checkpoint: {path} holds no tokenizer, so its data cannot be rebuilt")
+    routing = build.group(cfg, "routing")
+    check_confidence(model, routing.confidence, normalize_routing(routing.exit_layer, 0.0)[0])
     trained = _trained_config(cfg, ckpt)
     source = trained if cfg.task.checkpoint_data else cfg
     data_cfg = build.data_config(source)
@@ -188,8 +194,14 @@ def eval_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_unk_share(batches, tokenizer, key, cfg.task.split, refuse=not cfg.task.checkpoint_data)
 
     t0 = time.perf_counter()
+    calibration = None
+    if routing.calibrate.metric is not None:  # τ from the validation split, then every metric below is τ's
+        trainer.split = "val"
+        calibration = calibrate_routing(trainer, model, data, routing.calibrate)
     trainer.split = cfg.task.split
     metrics = trainer.evaluate(model, batches, thresholds=list(cfg.routing.analysis_thresholds))
+    if calibration is not None:
+        metrics["calibration"] = calibration
     metrics["eval_time_s"] = time.perf_counter() - t0
     if cfg.task.split == "val" and data.test is not None:
         trainer.split = "test"

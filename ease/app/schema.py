@@ -30,6 +30,7 @@ from ease.inference.decoder import KV_MODES
 from ease.inference.generation import DECODERS
 from ease.losses import LossWeightsConfig
 from ease.model.config import ModelConfig
+from ease.model.layer_dropout import LayerDropoutConfig
 from ease.routing import RoutingConfig
 from ease.schedule import ScheduleConfig
 from ease.strategies import StrategyConfig
@@ -97,6 +98,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ease import distributed
+from ease import distributed, exit_classifier
 from ease.app import build
+from ease.app.calibrate import calibrate_routing
 from ease.app.loggers import build_loggers, check_loggers
 from ease.app.pruning import TrialPruned, active_reporter
 from ease.checkpoint import architecture, check_architecture, load_for_resume, save_checkpoint
@@ -42,6 +43,8 @@ from ease.hf.backbone import HFBackbone
 from ease.hf.loading import save_pretrained
 from ease.losses import check_min_route_fraction
 from ease.model.backbone import Backbone
+from ease.model.layer_dropout import LayerDropout, dropout_rates
+from ease.routing import CalibrateConfig, needs_hidden
 from ease.stop import StopRequested
 from ease.strategies.ashem import ASHEMConfig, ASHEMProgress, check_resume_mode, run_ashem
 from ease.strategies.token_routed import TokenRoutedTrainer, token_routed_config
@@ -149,17 +152,26 @@ def trained_weights(trainer: Trainer, result: dict[str, Any], num_layers: int) -
 
 
 def final_metrics(
-    trainer: Trainer, model: Backbone, data: DataBundle, result: dict[str, Any], thresholds: list[float]
+    trainer: Trainer,
+    model: Backbone,
+    data: DataBundle,
+    result: dict[str, Any],
+    thresholds: list[float],
+    calibrate: CalibrateConfig | None = None,
 ) -> dict[str, Any]:
     """The standard keys of a training run: routed val metrics with the threshold curve from one pass, test
-    metrics, and the training summary from `train_with_early_stopping`'s `result`."""
+    metrics, and the training summary from `train_with_early_stopping`'s `result`. With `calibrate` (routing.
+    calibrate.metric set) the threshold is first calibrated on the validation split and every metric is τ's."""
 
     t0 = time.perf_counter()
+    calibration = calibrate_routing(trainer, model, data, calibrate) if calibrate and calibrate.metric else None
     metrics = trainer.evaluate(model, data.val, thresholds=thresholds)
     metrics["eval_time_s"] = time.perf_counter() - t0
     test = evaluate_test_split(trainer, model, data)
     if test is not None:
         metrics["test"] = test
+    if calibration is not None:
+        metrics["calibration"] = calibration
     metrics.update(
         history=result["history"],
         best_epoch=result["best_epoch"],
@@ -230,10 +242,30 @@ def make_trainer(cfg: DictConfig, vocab_size: int, distill: Distiller | None = N
         return TokenRoutedTrainer(
             config, vocab_size, cfg.device, cfg.train.grad_clip, min_route_fraction(cfg), progress=cfg.progress, **steps
         )
+    config = build.training_config(cfg)
+    L = build.model_depth(cfg)
     return Trainer(
-        build.training_config(cfg), vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress,
-        distill=distill, **steps,
+        config, vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, distill=distill, **steps,
+        curriculum=build.group(cfg, "loss_weights").curriculum_for(L), layer_dropout=layer_dropout(cfg, L),
     )  # fmt: skip
+
+
+def layer_dropout(cfg: DictConfig, num_layers: int) -> LayerDropout | None:
+    """LayerSkip's per-example layer dropout of the `layer_dropout` group (None when max_rate is 0)."""
+    settings = build.group(cfg, "layer_dropout")
+    if not settings.enabled:
+        return None
+    return LayerDropout(dropout_rates(num_layers, settings.max_rate, settings.scale), cfg.seed)
+
+
+def layerskip_record(trainer: Trainer, num_layers: int) -> dict[str, Any]:
+    """What the curriculum and the layer dropout did (the keys exist only when they are on)."""
+    out: dict[str, Any] = {}
+    if trainer.curriculum is not None:
+        out["curriculum"] = trainer.curriculum.record(trainer.step, trainer.planned_steps, num_layers)
+    if trainer.layer_dropout is not None:
+        out["layer_dropout"] = trainer.layer_dropout.record()
+    return out
 
 
 def run_device(cfg: DictConfig) -> str:
@@ -246,6 +278,8 @@ def run_device(cfg: DictConfig) -> str:
 
 def find_unused(trainer: Trainer, model: Backbone) -> bool:
     """DDP must be told when some parameters get no gradient: layers above the deepest weighted exit."""
+    if trainer.layer_dropout is not None:  # a layer may skip every row of a rank's batch
+        return True
     weights = trainer.config.weights_for(model.num_layers)
     return max(layer for layer, w in weights.items() if w > 0) < model.num_layers
 
@@ -257,9 +291,15 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
     ctx = distributed.configure(cfg.train.distributed)
     device = run_device(cfg)
     model = build.model(cfg, data.vocab_size).to(device)
+    classifier = build.group(cfg, "routing").classifier
+    if classifier.train != "none":  # CALM's exit heads, one per routing exit, saved in checkpoint.pt
+        exit_classifier.attach(model, model.exit_layers, classifier.kind)
     # a pretrained embedding may have more rows than the data's ids
     trainer = make_trainer(cfg, model.vocab_size, build.distiller(cfg, model.vocab_size, device))
     trainer.device = torch.device(device)
+    classifier_lr = exit_classifier.learning_rate(classifier.lr, cfg.train.lr)
+    if classifier.train == "joint":
+        trainer.classifier_weight = classifier.weight
     if cfg.compile:  # torch.compile wins in training, not in decoding (docs/speed.md)
         for block in model.layers:
             block.compile()
@@ -275,6 +315,10 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
         )
         out.root = trainer.loss_module
     optimizer = trainer.create_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    if classifier.train == "joint":  # the heads are no backbone param group: their own, at routing.classifier.lr
+        scale = classifier_lr / cfg.train.lr
+        heads = list(model.exit_classifier.parameters())
+        optimizer.add_param_group({"params": heads, "lr": classifier_lr, "lr_scale": scale, "name": "exit_classifier"})
     if ckpt is not None:
         stopping = trainer.restore_training_state(ckpt["train_state"], optimizer)
         log.info("resumed from %s after evaluation %d (step %d)", out.path, len(stopping.history), trainer.step)
@@ -306,8 +350,19 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
             cfg.train.monitor, state=stopping, on_epoch_end=on_epoch_end, max_steps=cfg.train.max_steps,
             eval_every=cfg.train.eval_every, eval_batches=cfg.train.eval_batches,
         )  # fmt: skip
-        metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds))
+        heads = None
+        if classifier.train == "after":  # a short stage, the backbone frozen
+            heads = exit_classifier.train_after(model, data.train, classifier.epochs, classifier_lr, trainer.device)
+        elif classifier.train == "joint":
+            heads = {"train": "joint", "weight": classifier.weight, "lr": classifier_lr}
+        calibrate = build.group(cfg, "routing").calibrate
+        metrics = final_metrics(trainer, model, data, result, list(cfg.routing.analysis_thresholds), calibrate)
         metrics["training"] = training_summary(cfg, trainer, result, ctx)
+        metrics.update(layerskip_record(trainer, model.num_layers))
+        if heads is not None:
+            quality = exit_classifier.classifier_quality(model, data.val, trainer.device)
+            metrics["exit_classifier"] = {**heads, "kind": classifier.kind, "layers": list(model.exit_layers),
+                                          "val": quality}  # fmt: skip
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
@@ -573,6 +628,9 @@ def validate(cfg: DictConfig) -> None:
     if name == "ashem" and (cfg.train.max_steps is not None or cfg.train.grad_accum != 1):
         key = "max_steps" if cfg.train.max_steps is not None else "grad_accum"
         raise ValueError(f"train.{key}: ashem trains each phase by epochs with one batch per step; leave it unset")
+    if build.group(cfg, "layer_dropout").enabled and name != "standard":
+        raise ValueError(f"layer_dropout.max_rate: layer dropout trains with strategy=standard only, got {name!r}")
+    check_calm(cfg, name)
     if name == "standard":
         build.training_config(cfg)
     elif name == "token_routed":
@@ -583,6 +641,26 @@ def validate(cfg: DictConfig) -> None:
     check_distill(cfg)
     build.run_callbacks(cfg)
     check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
+
+
+def check_calm(cfg: DictConfig, strategy: str) -> None:
+    """CALM's pieces (hidden-state confidences, exit classifiers, calibration) run with strategy=standard only."""
+    routing = build.group(cfg, "routing")
+    if strategy != "standard":
+        if routing.classifier.train != "none":
+            raise ValueError(f"routing.classifier.train: exit classifiers train with strategy=standard, got {strategy}")
+        if routing.calibrate.metric is not None:
+            raise ValueError(f"routing.calibrate.metric: calibration runs with strategy=standard, got {strategy}")
+        if needs_hidden(routing.confidence):
+            raise ValueError(
+                f"routing.confidence: {routing.confidence} runs with strategy=standard (or task=eval), got {strategy}"
+            )
+    if routing.classifier.train != "none" and distributed.env_world_size() > 1:
+        raise ValueError("routing.classifier.train: exit classifiers train in a single process, not under torchrun")
+    if routing.confidence == "classifier" and routing.classifier.train == "none":
+        raise ValueError(
+            "routing.confidence: classifier needs exit classifiers; set routing.classifier.train=joint|after"
+        )
 
 
 def train_task(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ease.exit_classifier import check_confidence
 from ease.model.backbone import Backbone
-from ease.routing import confidence_fn, normalize_routing
+from ease.routing import measure_confidence, normalize_routing
 
 KV_MODES = ("propagate", "recompute")
 
@@ -107,7 +108,8 @@ class EarlyExitDecoder:
         self.num_layers = model.num_layers
         # thresholds[l]: the threshold of an active exit at layer l (1-indexed), else None.
         self.thresholds: dict[int, float] = {e: t for e, t in zip(self.exit_layers, self.routing_thresholds) if t > 0}
-        self.measure = confidence_fn(confidence or model.confidence)
+        self.confidence = confidence or model.confidence
+        check_confidence(model, self.confidence, self.thresholds)
         self.device = next(model.parameters()).device
         self.reset()
 
@@ -181,6 +183,7 @@ class EarlyExitDecoder:
         exit_out = torch.full((B,), L, dtype=torch.long, device=self.device)
         layer_logits: dict[int, torch.Tensor] | None = {} if return_layers else None
         for i in range(1, L + 1):
+            previous = h  # layer i's input (B, 1, C): saturation compares the exit state with it
             n_running = int(running.sum())
             if self.kv_mode == "recompute":
                 h = self._recompute_layer(i, h, t)
@@ -204,7 +207,8 @@ class EarlyExitDecoder:
                 break
             if threshold is None:
                 continue
-            stop = running & (self.measure(logits) >= threshold)
+            conf = measure_confidence(model, self.confidence, i, logits, h[:, 0], previous[:, 0])
+            stop = running & (conf >= threshold)
             logits_out[stop] = logits[stop]
             exit_out[stop] = i
             running &= ~stop

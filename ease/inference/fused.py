@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ease.inference.decoder import StepOutput, decoder_routing
 from ease.model.attention import apply_rotary
 from ease.model.transformer import EarlyExitTransformer
-from ease.routing import confidence_fn
+from ease.routing import confidence_fn, needs_hidden
 
 
 def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,9 @@ class FusedDecoder:
             if t > 0:
                 self._thresholds[e - 1] = t
         measure = confidence or model.confidence
+        if needs_hidden(measure):
+            raise ValueError(f"task.decoder: the fused decoder scores logit confidences only; routing.confidence="
+                             f"{measure} needs task.decoder=reference")  # fmt: skip
         self._confidence = _max_prob if measure == "max_prob" else confidence_fn(measure)
         self._one_row = batch_size == 1 and kv_mode == "propagate"  # `step` takes `_step_one_row`
         self.device = next(model.parameters()).device

@@ -28,7 +28,7 @@ from ease.inference.decoder import EarlyExitDecoder, check_kv_mode
 from ease.inference.fused import FusedDecoder
 from ease.model.backbone import Backbone
 from ease.model.transformer import EarlyExitTransformer
-from ease.routing import decayed_threshold, normalize_routing
+from ease.routing import decayed_threshold, needs_hidden, normalize_routing
 
 log = logging.getLogger("ease.inference")
 
@@ -61,6 +61,8 @@ def make_decoder(
     native = isinstance(model, EarlyExitTransformer)
     if decoder == "fused" and not native:
         raise ValueError(f"decoder: fused decodes the native EarlyExitTransformer only, got {type(model).__name__}")
+    if decoder == "auto" and needs_hidden(confidence or model.confidence):  # the fused path scores logits only
+        native = False
     cls = FusedDecoder if decoder == "fused" or (decoder == "auto" and native) else EarlyExitDecoder
     return cls(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode, confidence)
 

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ease.evaluation import Batch
+from ease.exit_classifier import check_confidence
 from ease.inference.decoder import check_kv_mode
 from ease.model.backbone import Backbone, RoutedOutput, routed_forward
-from ease.routing import confidence_fn, normalize_routing
+from ease.routing import measure_confidence, normalize_routing
 
 EVAL_MODES = ("counted", "skip")
 
@@ -73,7 +74,11 @@ def skip_routed_forward(
         model.routing_thresholds if routing_threshold is None else routing_threshold,
         L,
     )
-    measure = confidence_fn(model.confidence)
+    check_confidence(model, model.confidence, [e for e, t in zip(exits, thresholds) if t > 0])
+
+    def measure(e: int, logits: torch.Tensor, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return measure_confidence(model, model.confidence, e, logits, hidden, previous)
+
     B, T = x.shape
     h = model.embed(x)  # (B, T, C)
     C = h.shape[-1]
@@ -83,14 +88,16 @@ def skip_routed_forward(
     out = SkipOutput(logits=torch.empty(0), exit_layer=exit_at)
     done = 0  # layers applied so far
     for e, threshold in [*[(e, t) for e, t in zip(exits, thresholds) if t > 0], (L, None)]:
+        previous = h
         for i in range(done + 1, e + 1):
+            previous = h  # layer e's input: what saturation compares the exit state with
             h = _run_layer(model, i, h, running, kv_mode, out)
         done = e
         if done == L or not running.any():
             break
         if bool(running.all()):  # e.g. the first exit: the head on the full batch, as the counted mode does
             exit_logits = model.unembed(h)  # (B, T, V)
-            stop = measure(exit_logits) >= threshold  # (B, T)
+            stop = measure(e, exit_logits, h, previous) >= threshold  # (B, T)
             out.head_tokens += B * T
             if logits is None:
                 logits = torch.empty_like(exit_logits)
@@ -98,7 +105,7 @@ def skip_routed_forward(
         else:
             flat = running.view(-1).nonzero().squeeze(1)  # (Na,)
             exit_logits = model.unembed(h.view(B * T, C)[flat])  # (Na, V)
-            hit = measure(exit_logits) >= threshold
+            hit = measure(e, exit_logits, h.view(B * T, C)[flat], previous.reshape(B * T, C)[flat]) >= threshold
             out.head_tokens += flat.numel()
             logits.view(B * T, -1)[flat[hit]] = exit_logits[hit]
             stop = torch.zeros_like(running)

@@ -13,14 +13,20 @@ The functions below are the protocol's shared compositions (every backbone gets 
 states after chosen layers, a range of layers, and the logits of chosen exits.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ease.routing import normalize_routing, route_by_confidence
+from ease.routing import (
+    measure_confidence,
+    needs_hidden,
+    normalize_routing,
+    route_by_confidence,
+    route_from_confidences,
+)
 
 
 @dataclass
@@ -40,7 +46,8 @@ class Backbone(Protocol):
         vocab_size: output classes of the head.
         exit_layers: the routing exits, ascending (1-indexed, below L when active).
         routing_thresholds: one confidence threshold per exit (0 = that exit is off).
-        confidence: the confidence measure routing uses ("max_prob", "top2_margin", "neg_entropy").
+        confidence: the confidence measure routing uses ("max_prob", "top2_margin", "neg_entropy", or the
+            hidden-state ones "saturation" and "classifier", the latter through an `exit_classifier` submodule).
     """
 
     num_layers: int
@@ -119,14 +126,23 @@ def run_layers(model: Backbone, h: torch.Tensor, start: int, end: int, pos: int 
     return h
 
 
-def hidden_states(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-    """{layer: hidden state (B, T, C)} after each requested layer; no layer past the deepest one runs."""
+# Runs layer i on h (B, T, C) in place of `model.layer(i, h)`: training's layer dropout (ease.model.layer_dropout).
+LayerFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def hidden_states(
+    model: Backbone, x: torch.Tensor, layers: Iterable[int], layer_fn: LayerFn | None = None
+) -> dict[int, torch.Tensor]:
+    """{layer: hidden state (B, T, C)} after each requested layer; no layer past the deepest one runs.
+
+    `layer_fn(i, h)`, when given, runs each layer instead of `model.layer(i, h)`."""
     wanted = sorted(set(layers))
     check_layers(model, wanted)
+    run = model.layer if layer_fn is None else layer_fn
     h = model.embed(x)  # (B, T, C)
     out: dict[int, torch.Tensor] = {}
     for i in range(1, wanted[-1] + 1):
-        h = model.layer(i, h)
+        h = run(i, h)
         if i in wanted:
             out[i] = h
     return out
@@ -135,6 +151,19 @@ def hidden_states(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> di
 def exit_logits(model: Backbone, x: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
     """{layer: logits (B, T, V)} for exactly the requested layers: the head runs only there."""
     return {layer: model.unembed(h) for layer, h in hidden_states(model, x, layers).items()}
+
+
+def exit_states(model: Backbone, x: torch.Tensor, layers: Iterable[int], extra: Iterable[int] = ()) -> dict:
+    """{layer: hidden state (B, T, C)} after each of `layers` and `extra`; 0 is the embedding (layer 1's input),
+    so a hidden-state measure at exit e can read the states after e and e-1."""
+    wanted = {*layers, *extra}
+    h = model.embed(x)  # (B, T, C)
+    out = {0: h} if 0 in wanted else {}
+    for i in range(1, max(wanted) + 1):
+        h = model.layer(i, h)
+        if i in wanted:
+            out[i] = h
+    return out
 
 
 @torch.no_grad()
@@ -155,10 +184,16 @@ def routed_forward(
     else:
         exits, thresholds = normalize_routing(exit_layer, routing_threshold or 0.0, L)
     active = [e for e, t in zip(exits, thresholds) if t > 0]
-    logits = exit_logits(model, x, [*active, L])
-    if active:
+    if active and needs_hidden(model.confidence):  # saturation / classifier read the states at e and e-1
+        states = exit_states(model, x, [*active, L], [e - 1 for e in active])
+        logits = {layer: model.unembed(states[layer]) for layer in [*active, L]}
+        confs = {e: measure_confidence(model, model.confidence, e, logits[e], states[e], states[e - 1]) for e in active}
+        exit_at = route_from_confidences(confs, dict(zip(exits, thresholds)), L)
+    elif active:
+        logits = exit_logits(model, x, [*active, L])
         exit_at = route_by_confidence({e: logits[e] for e in active}, dict(zip(exits, thresholds)), L, model.confidence)
     else:
+        logits = exit_logits(model, x, [L])
         exit_at = torch.full(x.shape, L, dtype=torch.long, device=x.device)
     out = logits[L].clone()
     for e in active:

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 
 from ease.config import TrainingConfig
+from ease.curriculum import ExitCurriculum
 from ease.distillation import Distiller
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
+from ease.exit_classifier import classifier_loss
 from ease.losses import weighted_exit_loss
-from ease.model.backbone import Backbone
+from ease.model.backbone import Backbone, LayerFn
+from ease.model.layer_dropout import LayerDropout
 from ease.routing import normalize_routing
 from ease.schedule import apply_alpha
 from ease.stop import StopRequested, check_stop, pending_stop
@@ -191,6 +194,8 @@ class Trainer:
         precision: str = "fp32",
         lr_schedule: LrSchedule | None = None,
         dist: DistContext = SINGLE,
+        curriculum: ExitCurriculum | None = None,
+        layer_dropout: LayerDropout | None = None,
         distill: Distiller | None = None,
     ) -> None:
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip >= 0):
@@ -218,6 +223,12 @@ class Trainer:
         self.totals: StepTotals | None = None  # the interval being trained
         self.resumed_totals: StepTotals | None = None  # an interrupted interval's sums, to carry on from
         self.last_span_seconds = 0.0
+        # LayerSkip: which exits get loss at each step, and per-example layer dropout (None: off).
+        self.curriculum = curriculum
+        self.layer_dropout = layer_dropout
+        self.planned_steps: int | None = None  # the run's optimizer steps (a gradual curriculum spans them)
+        self._drop_generator: torch.Generator | None = None  # layer dropout's draws of the current step
+        self.classifier_weight = 0.0  # > 0: the exit classifier's BCE joins the loss (routing.classifier.train=joint)
         self.distill = distill  # distillation to the exits (ease.distillation); None = the weighted CE alone
 
     # --- loss -------------------------------------------------------------------------------------------
@@ -250,6 +261,20 @@ class Trainer:
         schedule = self.config.alpha_schedule
         return schedule is not None and not schedule.is_constant
 
+    def step_weights(self, weights: dict[int, float], num_layers: int) -> dict[int, float]:
+        """The weights of the current optimizer step: `weights`, or the curriculum's at `self.step`."""
+        if self.curriculum is None:
+            return weights
+        return self.curriculum.weights(self.step, self.planned_steps, num_layers)
+
+    def layer_fn(self, model: Backbone) -> LayerFn | None:
+        """Layer dropout's `layer_fn` while the model trains (None: every layer runs on every row)."""
+        if self.layer_dropout is None or not model.training:
+            return None
+        if self._drop_generator is None:
+            self._drop_generator = self.layer_dropout.generator(self.step, self.dist.rank)
+        return self.layer_dropout.layer_fn(model, self._drop_generator)
+
     def loss_terms(
         self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float] | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -264,11 +289,16 @@ class Trainer:
 
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
+        layer_fn = self.layer_fn(model)
+        report = None
         if self.distill is not None:  # + the KL to the teacher; the report is each student exit's KL
-            out = self.distill.loss(model, x, y, weights)
-            return BatchLoss(out.loss, {"kl": out.kl, "tokens": out.tokens}, out.per_exit)
-        loss, per_exit = weighted_exit_loss(model, x, y, weights)
-        return BatchLoss(loss, None, per_exit)
+            out = self.distill.loss(model, x, y, weights, layer_fn)
+            loss, per_exit, report = out.loss, out.per_exit, {"kl": out.kl, "tokens": out.tokens}
+        else:
+            loss, per_exit = weighted_exit_loss(model, x, y, weights, layer_fn)
+        if self.classifier_weight > 0:  # CALM's exit classifier trained jointly, on detached states
+            loss = loss + self.classifier_weight * classifier_loss(model, x)
+        return BatchLoss(loss, report, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
         """A summary of one epoch's batch reports (None when the objective reports nothing)."""
@@ -344,7 +374,8 @@ class Trainer:
 
             iterator = tqdm(iterator, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
         for group in grouped(iterator, self.grad_accum):
-            self.train_step(model, group, optimizer, weights, params, f"epoch {epoch + 1}", totals)
+            step_weights = self.step_weights(weights, model.num_layers)
+            self.train_step(model, group, optimizer, step_weights, params, f"epoch {epoch + 1}", totals)
         self.epoch = epoch + 1
         return self._span_result(totals, weights, model)
 
@@ -376,7 +407,8 @@ class Trainer:
             groups = grouped(batches.iter_from(epoch, group_index * self.grad_accum), self.grad_accum)
             for group in islice(groups, count):
                 weights = self.epoch_weights(model.num_layers, self.step, self.total_steps)
-                self.train_step(model, group, optimizer, weights, params, f"step {self.step + 1}", totals)
+                step_weights = self.step_weights(weights, model.num_layers)
+                self.train_step(model, group, optimizer, step_weights, params, f"step {self.step + 1}", totals)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -439,6 +471,8 @@ class Trainer:
         """One optimizer step on the micro-batches of `group`: the loss is token-weighted over the step (over
         every rank's micro-batches too), so grad_accum × batch b equals one batch of grad_accum·b."""
         t0 = time.perf_counter()
+        if self.layer_dropout is not None:  # this step's draws: a function of (seed, step, rank)
+            self._drop_generator = self.layer_dropout.generator(self.step, self.dist.rank)
         group = [(x.to(self.device), y.to(self.device)) for x, y in group]
         local = sum(y.numel() for _, y in group)
         step_tokens = self.dist.all_reduce_sum([float(local)])[0] if self.dist.enabled else local
@@ -611,7 +645,7 @@ class Trainer:
         if by_steps:
             every = min(eval_every or per_epoch, max_steps)
             rounds = -(-max_steps // every)
-            self.total_steps = max_steps
+            self.total_steps = self.planned_steps = max_steps
             if self.lr_schedule is not None:
                 self.lr_schedule.total_steps = max_steps
         else:
@@ -619,6 +653,8 @@ class Trainer:
                 raise ValueError("train.max_steps: set train.max_steps or train.max_epochs (both are null)")
             rounds = max_epochs
             self.total_epochs = max_epochs
+            if self.curriculum is not None and hasattr(train_batches, "__len__"):  # a gradual curriculum spans them
+                self.planned_steps = max_epochs * self.steps_per_epoch(train_batches)
             if self.lr_schedule is not None:
                 self.lr_schedule.total_steps = max_epochs * self.steps_per_epoch(train_batches)
         watched = self.effective_monitor(monitor)
@@ -686,12 +722,15 @@ class Trainer:
         """What a resume needs beyond the weights: optimizer, schedule position, RNGs, early-stopping state."""
         from ease.distributed import optimizer_state_dict
 
+        trainer = {"epoch": self.epoch, "step": self.step, "weight_history": self.weight_history}
+        if self.layer_dropout is not None:
+            trainer["layer_dropout"] = self.layer_dropout.state_dict()
         return {
             "epoch": len(stopping.history),
             "completed": completed,
             "optimizer": optimizer_state_dict(self.loss_module, optimizer, self.dist),
             "rng": rng_state(),
-            "trainer": {"epoch": self.epoch, "step": self.step, "weight_history": self.weight_history},
+            "trainer": trainer,
             "precision": self.precision.state_dict(),
             "early_stopping": stopping.to_dict(),
             "interval": self.interrupted_state(),
@@ -709,6 +748,8 @@ class Trainer:
         interval = state.get("interval")
         self.resumed_totals = StepTotals(**interval) if interval else None
         self.weight_history = [{int(k): v for k, v in w.items()} for w in state["trainer"]["weight_history"]]
+        if self.layer_dropout is not None and "layer_dropout" in state["trainer"]:
+            self.layer_dropout.load_state_dict(state["trainer"]["layer_dropout"])
         set_rng_state(state["rng"])
         return EarlyStoppingState(**state["early_stopping"])
 
