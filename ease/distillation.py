@@ -131,7 +131,12 @@ class Distiller:
         return "self" if self.teacher is None else "teacher"
 
     def loss(
-        self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float], layer_fn: LayerFn | None = None
+        self,
+        model: Backbone,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: dict[int, float],
+        layer_fn: LayerFn | None = None,
     ) -> DistillLoss:
         return distilled_exit_loss(model, x, y, weights, self.weight, self.temperature, self.teacher, layer_fn)
 
