@@ -201,6 +201,15 @@ def weighted_exit_loss(
     The blocks run once up to the deepest weighted layer; the head runs once, on the stacked states of the
     weighted layers only. `layer_fn(i, h)` runs layer i instead of `model.layer` (layer dropout).
     """
+    loss, per_layer, _, _ = weighted_exit_terms(model, x, y, weights, layer_fn)
+    return loss, per_layer
+
+
+def weighted_exit_terms(
+    model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float], layer_fn: LayerFn | None = None
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int], torch.Tensor]:
+    """`weighted_exit_loss` and what it computed on the way: the weighted layers (ascending) and their logits
+    (k, B, T, V), for objectives that add terms on the same exits (`ease.distillation`)."""
     layers = sorted(layer for layer, w in weights.items() if w > 0)
     hidden = hidden_states(model, x, layers, layer_fn)  # {layer: (B, T, C)}
     h = torch.stack([hidden[layer] for layer in layers])  # (k, B, T, C)
@@ -209,7 +218,7 @@ def weighted_exit_loss(
     ce = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1).repeat(k), reduction="none")
     per_layer = ce.view(k, -1).mean(dim=1)  # (k,)
     w = torch.tensor([weights[layer] for layer in layers], dtype=per_layer.dtype, device=per_layer.device)
-    return (w * per_layer).sum(), dict(zip(layers, per_layer))
+    return (w * per_layer).sum(), dict(zip(layers, per_layer)), layers, logits
 
 
 # --- the token-routed loss (seed 000) ---------------------------------------------------------------------

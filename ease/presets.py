@@ -20,6 +20,9 @@ _DEFINITIONS: dict[str, TrainingConfig] = {
     "deep_supervision": TrainingConfig(layer_weights=uniform(_L), routing_threshold=0.0),
     # DEED (Tang et al., 2023): deep supervision + confidence exit at L1.
     "deed": TrainingConfig(layer_weights=uniform(_L), exit_layer=1, routing_threshold=0.7),
+    # Self-distillation to the exits (Zhang et al., 2019): DEED's weights and exit; the KL term is the YAML's
+    # `distill` group, which a TrainingConfig does not hold.
+    "self_distill": TrainingConfig(layer_weights=uniform(_L), exit_layer=1, routing_threshold=0.7),
     # Auxiliary loss (Elbayad et al., 2020) = seed 001's standard_routing.
     "auxiliary_loss": TrainingConfig(layer_weights=asymmetric(_L, 0.5), exit_layer=1, routing_threshold=0.95),
     # Seed 003's asymmetric α=0.7 (setting A) = seed 001's asymmetric_best.

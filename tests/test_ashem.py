@@ -60,10 +60,11 @@ def manual_confidences(model: EarlyExitTransformer, batches: list, layer: int) -
 
 @pytest.fixture(scope="module")
 def ashem_run():
-    """One small end-to-end ASHEM run shared by the flow tests."""
+    """One small end-to-end ASHEM run shared by the flow tests: the seed's recipe (hard tokens from val, no
+    longer the default), which these tests check against the seed's functions on the validation batches."""
     data = tiny_data()
     phase1 = make_model(2)
-    config = ASHEMConfig(max_epochs=2, phase2_lr=3e-3, phase2_patience=2)
+    config = ASHEMConfig(max_epochs=2, phase2_lr=3e-3, phase2_patience=2, hard_examples_from="val")
     result = run_ashem(config, phase1, data.train, data.val, batch_size=8, verbose=False)
     return config, data, result
 

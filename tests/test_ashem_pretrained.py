@@ -150,15 +150,17 @@ def test_frozen_block_bit_identical_upper_layers_trained_no_growth(skip_run) -> 
 
 
 def test_threshold_is_the_quantile_of_layer_k_max_prob(pretrained, skip_run) -> None:
-    """Plain re-implementation: the pretrained weights, layers 1..k by hand, unembed, softmax max, torch.quantile."""
+    """Plain re-implementation: the pretrained weights, layers 1..k by hand, unembed, softmax max, torch.quantile,
+    over the training batches (the default source since issue 14; a skipped phase 1 leaves them at epoch 0)."""
     data, weights = pretrained
     _, _, _, _, result = skip_run
     ref = make_model()
     ref.load_state_dict(weights)
     ref.eval()
+    data.train.set_epoch(0)
     with torch.no_grad():
         confs = []
-        for x, _ in data.val:
+        for x, _ in data.train:
             h = ref.embed(x)
             for i in range(1, K + 1):
                 h = ref.layer(i, h)

@@ -236,7 +236,10 @@ def test_methods_sweep_writes_the_table(tmp_path: Path, wikitext_dir: Path) -> N
 
 def test_sweep_file_lists_the_methods() -> None:
     text = (REPO / "sweeps" / "methods.yaml").read_text()
-    assert "+preset: standard_llm,deep_supervision,deed,asymmetric,layerskip,calm,mod,ashem,token_routed" in text
+    assert (
+        "+preset: standard_llm,deep_supervision,deed,asymmetric,layerskip,self_distill,calm,mod,ashem,token_routed"
+        in text
+    )
     assert "override /compare: grid" in text
 
 

@@ -35,7 +35,9 @@ def test_train_py_ashem_end_to_end(tmp_path: Path) -> None:
     for key in STANDARD_KEYS:
         assert key in m, key
     s = m["strategy"]
-    assert s["name"] == "ashem" and s["hard_examples_from"] == "val" and s["exit_layer"] == 2
+    # The default since issue 14: hard tokens from train, phase 2 early-stopped on val (out of sample).
+    assert s["name"] == "ashem" and s["hard_examples_from"] == "train" and s["exit_layer"] == 2
+    assert s["in_sample"] is False
     assert s["stages"] == [[1, 2], [3, 4]]
     assert abs(s["hard_ratio"] - 0.5) <= 0.02
     assert s["num_hard_tokens"] == round(s["hard_ratio"] * s["num_source_tokens"])
@@ -44,7 +46,7 @@ def test_train_py_ashem_end_to_end(tmp_path: Path) -> None:
     assert s["phase1"]["metrics"]["ppl"] > 1 and s["phase1"]["epochs_run"] >= 1
     assert s["phase1"]["history"][0]["epoch"] == 1
     p2 = s["phase2"]
-    assert p2["hard_ppl"] > 1 and p2["from_cached_hidden_states"] and p2["in_sample"]
+    assert p2["hard_ppl"] > 1 and p2["from_cached_hidden_states"] and not p2["in_sample"]
     assert 1 <= p2["epochs_run"] <= 2 and len(p2["history"]) == p2["epochs_run"]
     assert s["final"] == {k: m[k] for k in ("ppl", "acc", "shallow_ratio", "compute_cost")}
     # Frozen head: the val tokens that exit are exactly the non-hard ones.

@@ -14,6 +14,7 @@ from ease.app.schema import TaskConfig, check_top_level
 from ease.comparison import CompareConfig
 from ease.config import LrScalesConfig, TrainingConfig
 from ease.data import DataConfig
+from ease.distillation import DistillConfig, Distiller, load_teacher
 from ease.losses import LossWeightsConfig
 from ease.model.backbone import Backbone
 from ease.model.config import ModelConfig
@@ -39,6 +40,7 @@ GROUPS = {
     "task": TaskConfig,
     "layer_dropout": LayerDropoutConfig,
     "compare": CompareConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -196,3 +198,11 @@ def run_callbacks(cfg: DictConfig) -> list[Any]:
             raise ValueError(f"callbacks.{name}: {spec._target_} has no on_epoch_end(epoch, row)")
         out.append(callback)
     return out
+
+
+def distiller(cfg: DictConfig, vocab_size: int, device: Any = "cpu") -> Distiller | None:
+    """The `distill` group's Distiller (its frozen teacher loaded on `device`), or None when it is off."""
+    d = group(cfg, "distill")
+    if not d.enabled:
+        return None
+    return Distiller(d.weight, d.temperature, load_teacher(d.teacher, vocab_size, device) if d.teacher else None)

@@ -26,6 +26,7 @@ from ease.app.loggers import LoggerConfig
 from ease.comparison import CompareConfig
 from ease.config import LrScalesConfig
 from ease.data import DataConfig
+from ease.distillation import DistillConfig
 from ease.inference.decoder import KV_MODES
 from ease.inference.generation import DECODERS
 from ease.losses import LossWeightsConfig
@@ -103,6 +104,7 @@ class Config:
     layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # methods at equal compute (ease.comparison)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -39,6 +39,7 @@ from ease.checkpoint import architecture, check_architecture, load_for_resume, s
 from ease.comparison import GRID_KEY, evaluate_grid
 from ease.config import TrainingConfig
 from ease.data import DataBundle, build_data
+from ease.distillation import Distiller
 from ease.distributed import DistContext, check_setup, full_state_dict, wrap
 from ease.hf.backbone import HFBackbone
 from ease.hf.loading import save_pretrained
@@ -275,8 +276,8 @@ def lr_schedule(cfg: DictConfig) -> LrSchedule:
     return LrSchedule(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.min_lr / cfg.train.lr)
 
 
-def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
-    """The Trainer of strategy=standard or strategy=token_routed."""
+def make_trainer(cfg: DictConfig, vocab_size: int, distill: Distiller | None = None) -> Trainer:
+    """The Trainer of strategy=standard (with `distill`, distillation to the exits) or strategy=token_routed."""
     steps = {
         "grad_accum": cfg.train.grad_accum,
         "precision": cfg.train.precision,
@@ -291,7 +292,7 @@ def make_trainer(cfg: DictConfig, vocab_size: int) -> Trainer:
     config = build.training_config(cfg)
     L = build.model_depth(cfg)
     return Trainer(
-        config, vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, **steps,
+        config, vocab_size, cfg.device, cfg.train.grad_clip, progress=cfg.progress, distill=distill, **steps,
         curriculum=build.group(cfg, "loss_weights").curriculum_for(L), layer_dropout=layer_dropout(cfg, L),
     )  # fmt: skip
 
@@ -340,7 +341,8 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
     classifier = build.group(cfg, "routing").classifier
     if classifier.train != "none":  # CALM's exit heads, one per routing exit, saved in checkpoint.pt
         exit_classifier.attach(model, model.exit_layers, classifier.kind)
-    trainer = make_trainer(cfg, model.vocab_size)  # a pretrained embedding may have more rows than the data's ids
+    # a pretrained embedding may have more rows than the data's ids
+    trainer = make_trainer(cfg, model.vocab_size, build.distiller(cfg, model.vocab_size, device))
     trainer.device = torch.device(device)
     classifier_lr = exit_classifier.learning_rate(classifier.lr, cfg.train.lr)
     if classifier.train == "joint":
@@ -414,6 +416,8 @@ def train_with_trainer(cfg: DictConfig, data: DataBundle, output_dir: Path) -> d
         extra: dict[str, Any] = {}
         if strategy == "token_routed":
             metrics["strategy"], extra["strategy"] = token_routed_summary(trainer, result, metrics)
+        if trainer.distill is not None:
+            metrics["distill"] = distill_summary(cfg, trainer, model, data, result, ctx)
         out.finish(model, train_state(stopping, completed=True), metrics=headline(metrics), **extra)
         loggers.log_metrics({f"final/{key}": metrics[key] for key in HEADLINE}, trainer.step)
         status = "ok"
@@ -459,6 +463,50 @@ def training_summary(cfg: DictConfig, trainer: Trainer, result: dict[str, Any], 
     }
     if "best_step" in result:
         summary.update(best_step=result["best_step"], max_steps=cfg.train.max_steps)
+    return summary
+
+
+def check_distill(cfg: DictConfig) -> None:
+    """Distillation runs on the weighted exit loss (strategy=standard); self-distillation needs the last
+    layer weighted, as its logits are the teacher."""
+    d = build.group(cfg, "distill")
+    if not d.enabled:
+        return
+    if cfg.strategy.name != "standard":
+        raise ValueError(
+            f"distill.weight: distillation trains the weighted exit loss of strategy=standard, got "
+            f"strategy={cfg.strategy.name} (set distill=none)"
+        )
+    L = build.model_depth(cfg)
+    if d.teacher is None and build.training_config(cfg, L).weights_for(L).get(L, 0.0) <= 0:
+        raise ValueError(
+            f"distill.weight: self-distillation teaches from the last layer ({L}), which has no loss weight "
+            f"(loss_weights: give layer {L} a weight > 0)"
+        )
+
+
+def distill_summary(
+    cfg: DictConfig, trainer: Trainer, model: Backbone, data: DataBundle, result: dict[str, Any], ctx: DistContext
+) -> dict[str, Any]:
+    """What distillation did: the teacher, the student exits, each epoch's training KL per exit, and the KL
+    per exit left on the validation data at the end (single process only)."""
+    d, L = trainer.distill, model.num_layers
+    history, best = result["history"], result["best_epoch"]
+    weights = history[best - 1]["weights"] if best >= 1 else trainer.config.weights_for(L)
+    weights = {int(k): float(v) for k, v in weights.items()}
+    epochs = [{"epoch": row["epoch"], **row["distill"]} for row in history if "distill" in row]
+    summary: dict[str, Any] = {
+        "kind": d.kind,
+        "weight": d.weight,
+        "temperature": d.temperature,
+        "teacher": cfg.distill.teacher,
+        "teacher_layer": L if d.teacher is None else d.teacher.num_layers,
+        "students": sorted(layer for layer, w in weights.items() if w > 0 and (d.teacher is not None or layer < L)),
+        "epochs": epochs,
+        "best_epoch_kl": history[best - 1].get("distill", {}).get("kl") if best >= 1 else None,
+    }
+    if not ctx.enabled:
+        summary["val_kl"] = d.evaluate(model, data.val, weights, trainer.device)
     return summary
 
 
@@ -593,6 +641,8 @@ def train_ashem(cfg: DictConfig, data: DataBundle, output_dir: Path) -> dict[str
         "hard_example_ratio": config.hard_example_ratio,
         "hard_ratio": r.hard_examples.hard_ratio,
         "hard_examples_from": config.hard_examples_from,
+        # val: phase 2 trained and early-stopped on the validation tokens, so val metrics are in-sample
+        "in_sample": config.hard_examples_from == "val",
         "num_hard_tokens": r.hard_examples.num_hard_tokens,
         "num_source_tokens": r.hard_examples.num_tokens,
         "val_hard_ratio": r.val_examples.hard_ratio,
@@ -642,6 +692,7 @@ def validate(cfg: DictConfig) -> None:
     if build.group(cfg, "compare").enabled:
         compare_exits(cfg)
     build.mod_config(cfg)
+    check_distill(cfg)
     build.run_callbacks(cfg)
     check_loggers(cfg)  # a bad logger.* value or a missing library fails here, before data is read
 

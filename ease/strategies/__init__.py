@@ -36,7 +36,7 @@ class StrategyConfig:
     phase2_layers: int = 4
     phase2_lr: float = 1e-4
     phase2_patience: int = 3
-    hard_examples_from: str = "val"
+    hard_examples_from: str = "train"
     phase2_train_head: bool = False
     phase1: str = "train"
     min_route_fraction: float = 0.05

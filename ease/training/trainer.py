@@ -28,6 +28,7 @@ from torch import nn
 
 from ease.config import TrainingConfig
 from ease.curriculum import ExitCurriculum
+from ease.distillation import Distiller
 from ease.distributed import SINGLE, DistContext, full_state_dict, load_full_state_dict
 from ease.evaluation import Batch, TokenStats, collect_token_stats, merge_token_stats, threshold_rows
 from ease.exit_classifier import classifier_loss
@@ -195,6 +196,7 @@ class Trainer:
         dist: DistContext = SINGLE,
         curriculum: ExitCurriculum | None = None,
         layer_dropout: LayerDropout | None = None,
+        distill: Distiller | None = None,
     ) -> None:
         if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip >= 0):
             raise ValueError(
@@ -227,6 +229,7 @@ class Trainer:
         self.planned_steps: int | None = None  # the run's optimizer steps (a gradual curriculum spans them)
         self._drop_generator: torch.Generator | None = None  # layer dropout's draws of the current step
         self.classifier_weight = 0.0  # > 0: the exit classifier's BCE joins the loss (routing.classifier.train=joint)
+        self.distill = distill  # distillation to the exits (ease.distillation); None = the weighted CE alone
 
     # --- loss -------------------------------------------------------------------------------------------
 
@@ -286,17 +289,23 @@ class Trainer:
 
     def batch_loss(self, model: Backbone, x: torch.Tensor, y: torch.Tensor, weights: dict[int, float]) -> BatchLoss:
         """The training objective of one batch; subclasses return another objective and its report."""
-        loss, per_exit = weighted_exit_loss(model, x, y, weights, self.layer_fn(model))
+        layer_fn = self.layer_fn(model)
+        report = None
+        if self.distill is not None:  # + the KL to the teacher; the report is each student exit's KL
+            out = self.distill.loss(model, x, y, weights, layer_fn)
+            loss, per_exit, report = out.loss, out.per_exit, {"kl": out.kl, "tokens": out.tokens}
+        else:
+            loss, per_exit = weighted_exit_loss(model, x, y, weights, layer_fn)
         if self.classifier_weight > 0:  # CALM's exit classifier trained jointly, on detached states
             loss = loss + self.classifier_weight * classifier_loss(model, x)
         auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. Mixture-of-Depths' routing predictor
         if auxiliary is not None and (term := auxiliary()) is not None:
             loss = loss + term
-        return BatchLoss(loss, None, per_exit)
+        return BatchLoss(loss, report, per_exit)
 
     def epoch_summary(self, reports: list[Any], model: Backbone) -> dict[str, Any] | None:
         """A summary of one epoch's batch reports (None when the objective reports nothing)."""
-        return None
+        return self.distill.summary(reports) if self.distill is not None and reports else None
 
     def trained_weights(self, weights: dict[int, float], summary: dict[str, Any] | None, model: Backbone) -> dict:
         """The weights an epoch effectively trained with (subclasses: e.g. the share of tokens on each route)."""
@@ -669,7 +678,7 @@ class Trainer:
             if by_steps:
                 row.update(step=self.step, data_epoch=self.step / per_epoch)
             if result.stats is not None:
-                row["route"] = result.stats
+                row["distill" if self.distill is not None else "route"] = result.stats
             return EpochOutcome(row, result.tokens)
 
         def validate() -> Validation:

@@ -22,9 +22,11 @@ class ASHEMConfig:
         phase2_layers: L, the depth of the final model; Block 2 is layers k+1..L.
         phase2_lr: learning rate of phase 2 (Block 2 only, unless `phase2_train_head`).
         phase2_patience: early-stopping patience of phase 2, on the hard-token loss of the validation data.
-        hard_examples_from: "val" (the seed: threshold and hard tokens from the validation batches) or
-            "train". With "val", phase 2 trains on validation tokens, so validation numbers after phase 2
-            are in-sample; use the test split (or "train") for an unbiased figure.
+        hard_examples_from: "train" (default: threshold and hard tokens from the training batches, phase 2
+            early-stopped on the validation tokens below the same threshold: out of sample) or "val" (the
+            seed: threshold and hard tokens from the validation batches; phase 2 then trains and early-stops
+            on validation tokens, so validation numbers after phase 2 are in-sample and only the test split
+            gives an unbiased figure).
         phase2_train_head: also train the shared final norm + output head in phase 2 (the seed leaves the
             head trainable). Off by default: the head is Block 1's exit too, so training it on hard tokens
             would move layer-k confidences away from the threshold computed on them.
@@ -43,7 +45,7 @@ class ASHEMConfig:
     phase2_layers: int = 4
     phase2_lr: float = 1e-4
     phase2_patience: int = 3
-    hard_examples_from: str = "val"
+    hard_examples_from: str = "train"
     phase2_train_head: bool = False
     confidence: str = "max_prob"
     max_epochs: int = 50

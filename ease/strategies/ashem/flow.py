@@ -223,6 +223,11 @@ def run_ashem(
         )  # fmt: skip
     trained_positions = sum(row["train_tokens"] for row in phase1["history"])
 
+    if config.hard_examples_from == "val":  # the seed's recipe, kept as an option
+        log.warning(
+            "ASHEM: hard_examples_from=val mines the hard tokens from the validation data and early-stops phase 2 "
+            "on them: validation metrics after phase 2 are in-sample (read the test split)"
+        )
     # Threshold and hard examples, from one pass of the frozen block over the source split.
     source = val_batches if config.hard_examples_from == "val" else train_batches
     if hasattr(source, "set_epoch"):
