@@ -134,6 +134,11 @@ class MoDCache:
     rows: list[Any]
 
 
+def _inner_attribute(name: str) -> property:
+    """An attribute the wrapper reads from and writes to its inner backbone (the routing exits live there)."""
+    return property(lambda self: getattr(self.inner, name), lambda self, value: setattr(self.inner, name, value))
+
+
 class MixtureOfDepths(BackboneMethods, nn.Module):
     """A backbone whose routed blocks process only some tokens (see the module docstring).
 
@@ -184,21 +189,8 @@ class MixtureOfDepths(BackboneMethods, nn.Module):
     def routed_layers(self) -> list[int]:
         return [i for i, c in enumerate(self.capacity, start=1) if c is not None]
 
-    @property
-    def exit_layers(self) -> tuple[int, ...]:
-        return self.inner.exit_layers
-
-    @exit_layers.setter
-    def exit_layers(self, value: tuple[int, ...]) -> None:
-        self.inner.exit_layers = value
-
-    @property
-    def routing_thresholds(self) -> tuple[float, ...]:
-        return self.inner.routing_thresholds
-
-    @routing_thresholds.setter
-    def routing_thresholds(self, value: tuple[float, ...]) -> None:
-        self.inner.routing_thresholds = value
+    exit_layers = _inner_attribute("exit_layers")  # tuple[int, ...]
+    routing_thresholds = _inner_attribute("routing_thresholds")  # tuple[float, ...]
 
     @property
     def confidence(self) -> str:
