@@ -13,7 +13,8 @@ Writes benchmarks/results.json and benchmarks/results.md and prints the tables:
   (d) peak training memory per configuration;
   (e) torch.compile in training and decoding (full run, or --compile);
   (f) the standard-LM training step against nanoGPT's (re-implemented in benchmarks/nanogpt.py), interleaved
-      in one process per width: training.over_nanogpt_dim64 / _dim256 (target >= 1.0).
+      in one process per width: training.over_nanogpt_dim64 / _dim256 (target >= 1.0), and the native model
+      with nanoGPT's architecture against it: training.over_nanogpt_same_arch_dim64 / _dim256.
 The three target figures are checked and reported as measured (never clamped):
   generation.speedup_over_theoretical_b1 >= 0.8, training.deep_supervision_time_over_flop_ratio <= 1.1,
   evaluation.threshold_k10_over_k1 <= 1.2.
@@ -87,6 +88,7 @@ def run_training(steps: int, warmup: int, threads: int | None) -> dict[str, Any]
         "nanogpt": nanogpt,
         **{f"over_nanogpt_dim{r['dim']}": r["ratio"] for r in nanogpt},
         **{f"over_nanogpt_dim{r['dim']}_fused_adamw": r["ratio_fused_adamw"] for r in nanogpt},
+        **{f"over_nanogpt_same_arch_dim{r['dim']}": r["ratio_same_arch"] for r in nanogpt},
         "flop_check": check_against_torch(s["dim"], s["num_layers"], s["vocab_size"], s["seq_len"], heads=3),
         "deep_supervision_time_over_flop_ratio": ds["time_over_flop_ratio"],
         "deep_supervision_time_over_flop_ratio_wide": by_key[("deep_supervision", WIDE)]["time_over_flop_ratio"],
@@ -131,13 +133,15 @@ def tables(results: dict[str, Any]) -> list[tuple[str, str, list[list[Any]], lis
         )  # fmt: skip
         if tr.get("nanogpt"):
             rows = [
-                [r["dim"], r["ease_tokens_per_s"], r["ease_fused_adamw_tokens_per_s"], r["nanogpt_tokens_per_s"],
-                 r["ratio"], r["ratio_fused_adamw"], r["ease_parameters"], r["nanogpt_parameters"]]
+                [r["dim"], r["ease_tokens_per_s"], r["ease_fused_adamw_tokens_per_s"],
+                 r.get("ease_same_arch_tokens_per_s"), r["nanogpt_tokens_per_s"], r["ratio"], r["ratio_fused_adamw"],
+                 r.get("ratio_same_arch"), r["ease_parameters"], r["nanogpt_parameters"]]
                 for r in tr["nanogpt"]
             ]  # fmt: skip
             out.append(("nanogpt", "(f) Standard-LM training step vs nanoGPT (interleaved, median chunk)", rows,
-                        ["dim", "EASE tokens/s", "EASE + fused AdamW", "nanoGPT tokens/s", "EASE/nanoGPT",
-                         "with fused AdamW", "EASE params", "nanoGPT params"]))  # fmt: skip
+                        ["dim", "EASE tokens/s", "EASE + fused AdamW", "EASE, nanoGPT's arch", "nanoGPT tokens/s",
+                         "EASE/nanoGPT", "with fused AdamW", "same arch/nanoGPT", "EASE params",
+                         "nanoGPT params"]))  # fmt: skip
         mem = [[r["method"], r["dim"], r["train_peak_mb"], r["peak_rss_mb"]] for r in tr["rows"]]
         out.append(("memory", "(d) Peak training memory (resident set)", mem,
                     ["method", "dim", "training peak (MB above setup)", "process peak RSS (MB)"]))  # fmt: skip

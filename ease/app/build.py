@@ -171,6 +171,10 @@ def backbone(
         dropout=m.dropout,
         tie_weights=m.tie_weights,
         confidence=cfg.routing.confidence,
+        norm=m.norm,
+        positions=m.positions,
+        ffn=m.ffn,
+        max_positions=m.max_positions,
     )
 
 

@@ -81,6 +81,8 @@ class FusedDecoder:
         split_exit: bool | None = None,
         kv_with_layers: bool | None = None,
     ) -> None:
+        if not model.llama_style:  # the folded weights assume RMSNorm, RoPE and SwiGLU
+            raise ValueError("FusedDecoder: needs model.norm=rms, positions=rotary, ffn=swiglu (use the reference)")
         routing = decoder_routing(model, batch_size, max_len, exit_layer, routing_threshold, kv_mode)
         self.exit_layers, self.routing_thresholds = routing
         self.model = model

@@ -58,9 +58,12 @@ def make_decoder(
     fast path, tested equal to the reference) or "auto" (fused for the native model, else reference)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    native = isinstance(model, EarlyExitTransformer)
+    native = isinstance(model, EarlyExitTransformer) and model.llama_style
     if decoder == "fused" and not native:
-        raise ValueError(f"decoder: fused decodes the native EarlyExitTransformer only, got {type(model).__name__}")
+        raise ValueError(
+            "decoder: fused decodes the native EarlyExitTransformer of the default architecture (model.norm=rms, "
+            f"positions=rotary, ffn=swiglu) only, got {type(model).__name__}"
+        )
     if decoder == "auto" and needs_hidden(confidence or model.confidence):  # the fused path scores logits only
         native = False
     cls = FusedDecoder if decoder == "fused" or (decoder == "auto" and native) else EarlyExitDecoder

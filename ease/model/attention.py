@@ -151,23 +151,31 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (rotated) and values only: what a skipped layer must still provide to later tokens."""
+    def project_kv(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated, unless cos is None: learned positions) and values only: what a skipped layer must
+        still provide to later tokens."""
         dim = self.num_heads * self.head_dim
         kv = F.linear(x, self.qkv.weight[dim:])  # (B, T, 2C)
         k, v = kv.split(dim, dim=-1)
-        return apply_rotary(self._heads(k), cos, sin), self._heads(v)
+        k = self._heads(k)
+        return (k if cos is None else apply_rotary(k, cos, sin)), self._heads(v)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) normalised input at positions past..past+T-1 -> (B, T, C)."""
+        """x: (B, T, C) normalised input at positions past..past+T-1 -> (B, T, C). cos None: no RoPE (the
+        model adds learned positions to its embedding instead, `model.positions=learned`)."""
         B, T, C = x.shape
-        q, k, v = rotary_heads(self.qkv(x), cos, sin, self.num_heads)  # (B, nh, T, hd) each, q and k rotated
+        if cos is None:
+            q, k, v = (self._heads(t) for t in self.qkv(x).split(C, dim=-1))  # (B, nh, T, hd) views
+        else:
+            q, k, v = rotary_heads(self.qkv(x), cos, sin, self.num_heads)  # (B, nh, T, hd) each, q and k rotated
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, past+T, hd)
@@ -184,8 +192,8 @@ class CausalSelfAttention(nn.Module):
     def forward_active(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         active: torch.Tensor,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +218,8 @@ class CausalSelfAttention(nn.Module):
             return flat, x.new_zeros(0, C)
         xq = x.gather(1, order[..., None].expand(B, Tq, C))  # (B, Tq, C)
         q = F.linear(xq, self.qkv.weight[:C]).view(B, Tq, nh, hd).transpose(1, 2)  # (B, nh, Tq, hd)
-        q = apply_rotary(q, cos[order].unsqueeze(1), sin[order].unsqueeze(1))
+        if cos is not None:
+            q = apply_rotary(q, cos[order].unsqueeze(1), sin[order].unsqueeze(1))
         # Query at position past+order may see keys 0..past+order.
         mask = torch.arange(past + T, device=x.device) <= past + order[..., None]  # (B, Tq, past+T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, nh, Tq, hd)

@@ -4,25 +4,33 @@ import torch
 from torch import nn
 
 from ease.model.attention import CausalSelfAttention, KVCache
-from ease.model.ffn import SwiGLU
-from ease.model.norm import RMSNorm
+from ease.model.ffn import make_ffn
+from ease.model.norm import make_norm
 
 
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, dim: int, num_heads: int, hidden_dim: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        norm: str = "rms",
+        ffn: str = "swiglu",
+    ) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(dim)
+        self.attn_norm = make_norm(norm, dim)
         self.attn = CausalSelfAttention(dim, num_heads, dropout)
-        self.ffn_norm = RMSNorm(dim)
-        self.ffn = SwiGLU(dim, hidden_dim, dropout)
+        self.ffn_norm = make_norm(norm, dim)
+        self.ffn = make_ffn(ffn, dim, hidden_dim, dropout)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache: KVCache | None = None,
         active: torch.Tensor | None = None,
     ) -> torch.Tensor:

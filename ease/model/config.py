@@ -3,6 +3,10 @@
 from dataclasses import dataclass
 from typing import Any
 
+from ease.model.ffn import FFNS
+from ease.model.norm import NORMS
+from ease.model.transformer import POSITIONS
+
 BACKBONES = ("native", "hf")
 
 
@@ -25,6 +29,10 @@ class ModelConfig:
         hidden_dim: FFN width; None = native: 2/3 of 4*dim rounded up to 16; hf: the config class's default.
         dropout: native: dropout probability in [0, 1) (hf: set the model's own dropout keys in hf_config).
         tie_weights: native: share the embedding and output-head weights (hf: hf_config.tie_word_embeddings).
+        norm: native: "rms" (RMSNorm, default) or "layer" (LayerNorm without bias, GPT-2's).
+        positions: native: "rotary" (RoPE in every layer, default) or "learned" (a table added to the embedding).
+        ffn: native: "swiglu" (default) or "gelu" (GPT-2's MLP, hidden 4·dim unless hidden_dim says).
+        max_positions: native with positions=learned: the table's length, the longest sequence it can read.
     """
 
     num_layers: int | None = 3
@@ -37,6 +45,10 @@ class ModelConfig:
     name_or_path: str | None = None
     hf_config: dict[str, Any] | None = None
     attn_implementation: str = "sdpa"
+    norm: str = "rms"
+    positions: str = "rotary"
+    ffn: str = "swiglu"
+    max_positions: int = 1024
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -60,6 +72,14 @@ class ModelConfig:
             raise ValueError(f"model.hidden_dim: must be >= 1 or null, got {self.hidden_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("ffn", FFNS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"model.{name}: must be one of {', '.join(choices)}, got {value!r}")
+            if self.backbone == "hf" and value != choices[0]:
+                raise ValueError(f"model.{name}: only for model.backbone=native (hf: the model's own), got {value!r}")
+        if isinstance(self.max_positions, bool) or not isinstance(self.max_positions, int) or self.max_positions < 1:
+            raise ValueError(f"model.max_positions: must be an int >= 1, got {self.max_positions!r}")
         if self.backbone == "native":
             for name in ("name_or_path", "hf_config"):
                 value = getattr(self, name)

@@ -1,4 +1,4 @@
-"""Gated feed-forward network (SwiGLU, Shazeer 2020)."""
+"""Feed-forward networks: the gated SwiGLU (Shazeer 2020, the default) and GPT-2's 4×GELU MLP."""
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +51,32 @@ class SwiGLU(nn.Module):
 
 
 GatedLinearUnit = SwiGLU  # the seeds' name
+
+
+class GeluMLP(nn.Module):
+    """out = W2 gelu(W1 x), hidden 4·dim by default: GPT-2 / nanoGPT's MLP without biases (`model.ffn=gelu`).
+
+    W2 keeps SwiGLU's name, so the residual projections' GPT-2 initialisation finds it (`ffn.w2.weight`).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or 4 * dim
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.gelu(self.w1(x))))
+
+
+FFNS = ("swiglu", "gelu")  # `model.ffn`
+
+
+def make_ffn(kind: str, dim: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
+    """`model.ffn`: "swiglu" (hidden 2/3·4·dim by default) or "gelu" (hidden 4·dim by default)."""
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden_dim, dropout)
+    if kind == "gelu":
+        return GeluMLP(dim, hidden_dim, dropout)
+    raise ValueError(f"model.ffn: must be one of {', '.join(FFNS)}, got {kind!r}")

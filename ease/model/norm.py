@@ -58,3 +58,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _RMSNormFunction.apply(x, x, self.weight, self.eps)
+
+
+NORMS = ("rms", "layer")  # `model.norm`
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """`model.norm`: "rms" (RMSNorm, the Llama default) or "layer" (LayerNorm without bias, GPT-2 / nanoGPT's
+    `bias=False`; PyTorch's native kernel in both directions)."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=1e-5, bias=False)
+    raise ValueError(f"model.norm: must be one of {', '.join(NORMS)}, got {kind!r}")

@@ -1,9 +1,11 @@
 """The native early-exit language model: embedding, N pre-norm blocks, one shared norm + head for every exit.
 
-Every exit layer l produces logits with the same `unembed` (final RMSNorm, then the output head), as in
-LayerSkip. `forward` computes only what it is asked for: the blocks up to the deepest requested exit, and
-the head only at the requested exits. A standard LM therefore pays for one head, and deep supervision
-pays for exactly the heads whose loss weight is non-zero.
+Every exit layer l produces logits with the same `unembed` (final norm, then the output head), as in
+LayerSkip. The default architecture is Llama's (RMSNorm, rotary positions, SwiGLU); `norm`, `positions` and
+`ffn` switch each part to GPT-2's (LayerNorm, learned positions, 4×GELU MLP). `forward` computes only what
+it is asked for: the blocks up to the deepest requested exit, and the head only at the requested exits. A
+standard LM therefore pays for one head, and deep supervision pays for exactly the heads whose loss weight
+is non-zero.
 
 It implements `ease.model.backbone.Backbone`; everything else in EASE uses it only through that protocol.
 Layers are 1-indexed everywhere in EASE: layer 1 is the first block, layer `num_layers` the last.
@@ -18,8 +20,10 @@ from torch import nn
 from ease.model.attention import KVCache, RotaryEmbedding
 from ease.model.backbone import BackboneMethods
 from ease.model.block import TransformerBlock
-from ease.model.norm import RMSNorm
+from ease.model.norm import make_norm
 from ease.routing import normalize_routing
+
+POSITIONS = ("rotary", "learned")  # `model.positions`
 
 
 class EarlyExitTransformer(BackboneMethods, nn.Module):
@@ -37,8 +41,14 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         dropout: float = 0.0,
         tie_weights: bool = False,
         confidence: str = "max_prob",
+        norm: str = "rms",
+        positions: str = "rotary",
+        ffn: str = "swiglu",
+        max_positions: int = 1024,
     ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"model.positions: must be one of {', '.join(POSITIONS)}, got {positions!r}")
         if vocab_size < 2:
             raise ValueError(f"model.vocab_size: must be >= 2, got {vocab_size}")
         if dim < 1 or num_layers < 1 or num_heads < 1:
@@ -51,12 +61,17 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         self.tie_weights = tie_weights
         self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, num_layers)
         self.confidence = confidence
+        self.norm_kind, self.positions, self.ffn_kind, self.max_positions = norm, positions, ffn, max_positions
 
         self.embedding = nn.Embedding(vocab_size, dim)
+        # Learned positions (GPT-2): one table row added to each token's embedding; rotary: none here.
+        self.pos_embedding = nn.Embedding(max_positions, dim) if positions == "learned" else None
         self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(TransformerBlock(dim, num_heads, hidden_dim, dropout) for _ in range(num_layers))
-        self.rope = RotaryEmbedding(dim // num_heads)
-        self.norm = RMSNorm(dim)  # shared by every exit
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim, num_heads, hidden_dim, dropout, norm, ffn) for _ in range(num_layers)
+        )
+        self.rope = RotaryEmbedding(dim // num_heads) if positions == "rotary" else None
+        self.norm = make_norm(norm, dim)  # shared by every exit
         self.output_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_weights:
             self.output_head.weight = self.embedding.weight
@@ -73,8 +88,19 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
 
     # --- the backbone protocol --------------------------------------------------------------------------
 
+    @property
+    def llama_style(self) -> bool:
+        """The default architecture (RMSNorm, RoPE, SwiGLU): what `FusedDecoder` is written for."""
+        return (self.norm_kind, self.positions, self.ffn_kind) == ("rms", "rotary", "swiglu")
+
     def embed(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        return self.dropout(self.embedding(x))  # (B, T, C); RoPE applies the positions in `layer`
+        h = self.embedding(x)  # (B, T, C)
+        if self.pos_embedding is not None:  # learned positions pos..pos+T-1; RoPE applies them in `layer`
+            end = pos + x.shape[1]
+            if end > self.max_positions:
+                raise ValueError(f"model.max_positions: learned positions end at {self.max_positions}, got {end}")
+            h = h + self.pos_embedding.weight[pos:end]
+        return self.dropout(h)
 
     def layer(
         self,
@@ -86,7 +112,9 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Block i (1-indexed) on h (B, T, C) at positions pos..pos+T-1 (or `positions`); see `Backbone.layer`."""
-        if positions is not None:  # each token at its own position (a Mixture-of-Depths sub-sequence)
+        if self.rope is None:  # learned positions: already in h since `embed`
+            cos = sin = None
+        elif positions is not None:  # each token at its own position (a Mixture-of-Depths sub-sequence)
             cos, sin = self.rope.at(positions)  # (B, 1, T, hd/2) each
             if active is not None:  # per-row tables do not fit forward_active's gather: the plain fallback
                 out = self.layers[i - 1](h, cos, sin, None if cache is None else cache[i - 1])
@@ -110,10 +138,13 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
                 layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        groups = [("embedding", list(self.embedding.parameters()))]
+        groups = [("embedding", [*self.embedding.parameters(), *self.positional_parameters()])]
         groups += [(f"layer_{i}", list(block.parameters())) for i, block in enumerate(self.layers, start=1)]
         groups.append(("head", [*self.norm.parameters(), *self.output_head.parameters()]))
         return groups
+
+    def positional_parameters(self) -> list[nn.Parameter]:
+        return [] if self.pos_embedding is None else list(self.pos_embedding.parameters())
 
     def extended(self, num_layers: int) -> "EarlyExitTransformer":
         """A deeper copy (ASHEM's growth): embedding, blocks 1..L, norm and head copied from this model; the new
@@ -124,6 +155,8 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         device = next(self.parameters()).device
         deeper = EarlyExitTransformer(**args).to(device)
         deeper.embedding.load_state_dict(self.embedding.state_dict())
+        if self.pos_embedding is not None:
+            deeper.pos_embedding.load_state_dict(self.pos_embedding.state_dict())
         for i in range(self.num_layers):
             deeper.layers[i].load_state_dict(self.layers[i].state_dict())
         deeper.norm.load_state_dict(self.norm.state_dict())
@@ -145,6 +178,10 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
             "dropout": self.dropout.p,
             "tie_weights": self.tie_weights,
             "confidence": self.confidence,
+            "norm": self.norm_kind,
+            "positions": self.positions,
+            "ffn": self.ffn_kind,
+            "max_positions": self.max_positions,
         }
 
 
