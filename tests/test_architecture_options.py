@@ -84,6 +84,7 @@ def test_learned_positions_with_a_cache_and_with_active_tokens() -> None:
         torch.testing.assert_close(m.layer(1, h, active=active), m.layer(1, h), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"^model.max_positions: learned positions end at 24, got 25$"):
         m.embed(torch.zeros(1, 25, dtype=torch.long))
+    assert m.max_positions == 24  # the protocol's position limit: generation keeps a prompt's last tokens within it
     # generation: the reference decoder (the fused one is written for RMSNorm/RoPE/SwiGLU and refuses)
     assert type(make_decoder(m, 1, 16)).__name__ == "EarlyExitDecoder"
     with pytest.raises(ValueError, match=r"^decoder: fused decodes"):
@@ -112,7 +113,7 @@ def test_defaults_build_the_same_model_and_old_checkpoints_load() -> None:
     old_args = {k: v for k, v in m.config_dict().items() if k not in ("norm", "positions", "ffn", "max_positions")}
     torch.manual_seed(0)
     again = model_from_args(old_args)
-    assert m.llama_style and again.llama_style and again.pos_embedding is None
+    assert m.llama_style and again.llama_style and again.pos_embedding is None and m.max_positions is None
     assert list(m.state_dict()) == list(again.state_dict())
     assert "layers.0.ffn.w13.weight" in m.state_dict() and "layers.0.attn_norm.weight" in m.state_dict()
     for (n, p), q in zip(m.state_dict().items(), again.state_dict().values()):

@@ -60,9 +60,12 @@ def make_decoder(
         raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
     native = isinstance(model, EarlyExitTransformer) and model.llama_style
     if decoder == "fused" and not native:
+        got = type(model).__name__
+        if isinstance(model, EarlyExitTransformer):
+            got = f"model.norm={model.norm_kind} positions={model.positions} ffn={model.ffn_kind}"
         raise ValueError(
             "decoder: fused decodes the native EarlyExitTransformer of the default architecture (model.norm=rms, "
-            f"positions=rotary, ffn=swiglu) only, got {type(model).__name__}"
+            f"positions=rotary, ffn=swiglu) only, got {got}"
         )
     if decoder == "auto" and needs_hidden(confidence or model.confidence):  # the fused path scores logits only
         native = False

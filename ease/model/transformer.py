@@ -61,7 +61,7 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         self.tie_weights = tie_weights
         self.exit_layers, self.routing_thresholds = normalize_routing(exit_layer, routing_threshold, num_layers)
         self.confidence = confidence
-        self.norm_kind, self.positions, self.ffn_kind, self.max_positions = norm, positions, ffn, max_positions
+        self.norm_kind, self.positions, self.ffn_kind, self.table_len = norm, positions, ffn, max_positions
 
         self.embedding = nn.Embedding(vocab_size, dim)
         # Learned positions (GPT-2): one table row added to each token's embedding; rotary: none here.
@@ -93,12 +93,17 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         """The default architecture (RMSNorm, RoPE, SwiGLU): what `FusedDecoder` is written for."""
         return (self.norm_kind, self.positions, self.ffn_kind) == ("rms", "rotary", "swiglu")
 
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions the model holds: the learned table's length; None with RoPE (no limit)."""
+        return self.table_len if self.pos_embedding is not None else None
+
     def embed(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
         h = self.embedding(x)  # (B, T, C)
         if self.pos_embedding is not None:  # learned positions pos..pos+T-1; RoPE applies them in `layer`
             end = pos + x.shape[1]
-            if end > self.max_positions:
-                raise ValueError(f"model.max_positions: learned positions end at {self.max_positions}, got {end}")
+            if end > self.table_len:
+                raise ValueError(f"model.max_positions: learned positions end at {self.table_len}, got {end}")
             h = h + self.pos_embedding.weight[pos:end]
         return self.dropout(h)
 
@@ -181,7 +186,7 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
             "norm": self.norm_kind,
             "positions": self.positions,
             "ffn": self.ffn_kind,
-            "max_positions": self.max_positions,
+            "max_positions": self.table_len,
         }
 
 
