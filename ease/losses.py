@@ -212,10 +212,13 @@ def weighted_exit_terms(
     (k, B, T, V), for objectives that add terms on the same exits (`ease.distillation`)."""
     layers = sorted(layer for layer, w in weights.items() if w > 0)
     hidden = hidden_states(model, x, layers, layer_fn)  # {layer: (B, T, C)}
-    h = torch.stack([hidden[layer] for layer in layers])  # (k, B, T, C)
+    k = len(layers)
+    # (k, B, T, C); one exit (the standard LM) as a view: no copy of the states in either direction
+    h = hidden[layers[0]].unsqueeze(0) if k == 1 else torch.stack([hidden[layer] for layer in layers])
     logits = model.unembed(h)  # (k, B, T, V): one head call for every weighted exit
-    k, V = len(layers), logits.shape[-1]
-    ce = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1).repeat(k), reduction="none")
+    V = logits.shape[-1]
+    targets = y.reshape(-1) if k == 1 else y.reshape(-1).repeat(k)
+    ce = F.cross_entropy(logits.reshape(-1, V).float(), targets, reduction="none")
     per_layer = ce.view(k, -1).mean(dim=1)  # (k,)
     w = torch.tensor([weights[layer] for layer in layers], dtype=per_layer.dtype, device=per_layer.device)
     return (w * per_layer).sum(), dict(zip(layers, per_layer)), layers, logits
