@@ -1,0 +1,104 @@
+"""`hydra/launcher=ease_fork` (ease/app/launcher.py): jobs on workers forked from the sweep's controller."""
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import FAST, strip_timing, train_py
+from killswitch import kill_after
+from omegaconf import OmegaConf
+
+from ease.app import launcher as launcher_module
+from ease.app.launcher import ForkLauncher, worker_count
+
+# alpha_grid cut to 4 jobs: 2 workers run 2 jobs each, so a worker's second job runs after its first, in-process.
+GRID = ["+sweep=alpha_grid", "loss_weights.alpha=0.3,0.7", "seed=0,1", *FAST, "data.synthetic_tokens=2000",
+        "data.seq_len=16", "save_checkpoint=false", "threads=1"]  # fmt: skip
+
+
+def records(folder: Path) -> dict[tuple[str, ...], dict]:
+    """The sweep's metrics.json records by their overrides, without wall-clock figures."""
+    out = {}
+    for path in folder.glob("*/metrics.json"):
+        record = json.loads(path.read_text())
+        out[tuple(sorted(record["overrides"]))] = record
+    return out
+
+
+def test_forked_workers_give_the_serial_sweeps_metrics_bit_for_bit(tmp_path: Path) -> None:
+    for name, extra in (("serial", []), ("fork", ["hydra/launcher=ease_fork"])):
+        proc = train_py("-m", *GRID, f"hydra.sweep.dir={tmp_path / name}", *extra, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    serial, fork = records(tmp_path / "serial"), records(tmp_path / "fork")
+    assert len(serial) == 4 and serial.keys() == fork.keys()
+    for key, record in serial.items():
+        assert record["status"] == fork[key]["status"] == "ok"
+        assert strip_timing(record["metrics"]) == strip_timing(fork[key]["metrics"]), key
+        assert record["config"] == fork[key]["config"] and record["objective"] == fork[key]["objective"]
+    # Two jobs at a time: the first job of each worker started before the other's first job ended.
+    spans = sorted((r["started"], r["finished"]) for r in fork.values())
+    assert spans[1][0] < spans[0][1]
+    assert (tmp_path / "fork" / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_sweep_in_one_line_instead_of_hanging(tmp_path: Path) -> None:
+    proc = train_py("-m", *GRID, f"hydra.sweep.dir={tmp_path}", "hydra/launcher=ease_fork", *kill_after(1), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: hydra.launcher: a worker process died")
+
+
+@pytest.mark.parametrize("n_jobs", [0, -2, 1.5, True, "2"])
+def test_bad_n_jobs_is_one_line_naming_the_key(n_jobs: object) -> None:
+    with pytest.raises(ValueError, match=r"^hydra\.launcher\.n_jobs: must be an int >= 1, or -1"):
+        ForkLauncher(n_jobs=n_jobs)  # type: ignore[arg-type]
+
+
+def test_bad_n_jobs_on_the_command_line_stops_before_any_job(tmp_path: Path) -> None:
+    proc = train_py("-m", *GRID, f"hydra.sweep.dir={tmp_path}", "hydra/launcher=ease_fork", "hydra.launcher.n_jobs=0")
+    assert proc.returncode == 1
+    assert "hydra.launcher.n_jobs: must be an int >= 1, or -1 (one per CPU), got 0" in proc.stderr
+    assert not list(tmp_path.glob("*/metrics.json"))
+
+
+def test_worker_count() -> None:
+    assert [worker_count(2, jobs) for jobs in (1, 2, 6)] == [1, 2, 2]
+    assert worker_count(-1, 1000) == os.cpu_count()
+    assert worker_count(4, 3) == 3
+
+
+def _job_pids(idx: int, overrides: list[str]) -> tuple[int, int, str]:
+    """Stands in for `_run_job` in a forked worker: what the worker inherited and which process ran it."""
+    return idx, os.getpid(), launcher_module._inherited["config"].marker
+
+
+def test_jobs_keep_their_order_and_share_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher_module, "_run_job", _job_pids)
+    config = OmegaConf.create({"marker": "inherited", "hydra": {"hydra_logging": None, "verbose": False,
+                                                                "sweep": {"dir": str(tmp_path)}}})  # fmt: skip
+    launcher = ForkLauncher(n_jobs=2, preload=["colorsys"])
+    launcher.setup(hydra_context=SimpleNamespace(execution_whitelist=None), task_function=print, config=config)  # type: ignore[arg-type]
+    runs = launcher.launch([[f"seed={i}"] for i in range(5)], initial_job_idx=10)
+    assert [idx for idx, _, _ in runs] == [10, 11, 12, 13, 14]
+    pids = {pid for _, pid, _ in runs}
+    assert len(pids) == 2 and os.getpid() not in pids  # two forked workers, reused across the five jobs
+    assert {marker for _, _, marker in runs} == {"inherited"}  # the config came by fork, not by pickle
+    assert launcher_module._inherited == {}
+
+
+def _die(idx: int, overrides: list[str]) -> int:
+    if idx == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return idx
+
+
+def test_a_killed_worker_raises_naming_its_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher_module, "_run_job", _die)
+    config = OmegaConf.create({"hydra": {"hydra_logging": None, "verbose": False, "sweep": {"dir": str(tmp_path)}}})
+    launcher = ForkLauncher(n_jobs=2)
+    launcher.setup(hydra_context=SimpleNamespace(execution_whitelist=None), task_function=print, config=config)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"^hydra\.launcher: a worker process died .* job #1 \(seed=1\)"):
+        launcher.launch([[f"seed={i}"] for i in range(4)], initial_job_idx=0)
