@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,22 +72,28 @@ def test_worker_count() -> None:
     assert worker_count(4, 3) == 3
 
 
-def _job_pids(idx: int, overrides: list[str]) -> tuple[int, int, str]:
+def _job_pids(idx: int, overrides: list[str]) -> tuple[int, int, str, bool, bool]:
     """Stands in for `_run_job` in a forked worker: what the worker inherited and which process ran it."""
-    return idx, os.getpid(), launcher_module._inherited["config"].marker
+    time.sleep(0.05)
+    loaded = "colorsys" in sys.modules, "wave" in sys.modules
+    return idx, os.getpid(), launcher_module._inherited["config"].marker, *loaded
 
 
 def test_jobs_keep_their_order_and_share_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launcher_module, "_run_job", _job_pids)
     config = OmegaConf.create({"marker": "inherited", "hydra": {"hydra_logging": None, "verbose": False,
                                                                 "sweep": {"dir": str(tmp_path)}}})  # fmt: skip
-    launcher = ForkLauncher(n_jobs=2, preload=["colorsys"])
+    for name in ("colorsys", "wave"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    launcher = ForkLauncher(n_jobs=2, preload=["colorsys"], import_while_running=["wave"])
     launcher.setup(hydra_context=SimpleNamespace(execution_whitelist=None), task_function=print, config=config)  # type: ignore[arg-type]
     runs = launcher.launch([[f"seed={i}"] for i in range(5)], initial_job_idx=10)
-    assert [idx for idx, _, _ in runs] == [10, 11, 12, 13, 14]
-    pids = {pid for _, pid, _ in runs}
+    assert [run[0] for run in runs] == [10, 11, 12, 13, 14]
+    pids = {run[1] for run in runs}
     assert len(pids) == 2 and os.getpid() not in pids  # two forked workers, reused across the five jobs
-    assert {marker for _, _, marker in runs} == {"inherited"}  # the config came by fork, not by pickle
+    assert {run[2] for run in runs} == {"inherited"}  # the config came by fork, not by pickle
+    # preload before the fork (every worker has it), import_while_running after (the controller alone)
+    assert all(run[3] and not run[4] for run in runs) and "wave" in sys.modules
     assert launcher_module._inherited == {}
 
 

@@ -72,13 +72,19 @@ class ForkLauncher(Launcher):
         n_jobs: Jobs at a time (-1: one per CPU). Set torch's threads per job with `threads=N` (on 2 cores,
             `threads=1` with 2 jobs).
         preload: Modules imported in the controller before it forks, so no job imports them again.
+        import_while_running: Modules the controller imports once its workers are forked and running, which
+            only the controller needs (the results tables' pandas, scipy.stats, matplotlib): the sweep's end
+            then does not wait for them.
     """
 
-    def __init__(self, n_jobs: int = 2, preload: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, n_jobs: int = 2, preload: Sequence[str] | None = None, import_while_running: Sequence[str] | None = None
+    ) -> None:
         if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or not (n_jobs >= 1 or n_jobs == -1):
             raise ValueError(f"hydra.launcher.n_jobs: must be an int >= 1, or -1 (one per CPU), got {n_jobs!r}")
         self.n_jobs = n_jobs
         self.preload = list(preload or [])
+        self.import_while_running = list(import_while_running or [])
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -114,6 +120,8 @@ class ForkLauncher(Launcher):
             # Python 3.11 forks every worker at the first submit, before the pool starts its manager thread.
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
                 futures = [pool.submit(_run_job, idx, overrides) for idx, overrides in jobs]
+                for name in self.import_while_running:  # the workers exist now: they do not inherit these
+                    importlib.import_module(name)
                 runs = []
                 for (idx, overrides), future in zip(jobs, futures, strict=True):
                     try:
