@@ -74,7 +74,7 @@ def test_worker_count() -> None:
 
 def _job_pids(idx: int, overrides: list[str]) -> tuple[int, int, str, bool, bool]:
     """Stands in for `_run_job` in a forked worker: what the worker inherited and which process ran it."""
-    time.sleep(0.05)
+    time.sleep(0.3)  # long enough that both workers get jobs, even on a busy machine
     loaded = "colorsys" in sys.modules, "wave" in sys.modules
     return idx, os.getpid(), launcher_module._inherited["config"].marker, *loaded
 
@@ -101,6 +101,24 @@ def _die(idx: int, overrides: list[str]) -> int:
     if idx == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return idx
+
+
+def _fail_first(idx: int, overrides: list[str]) -> int:
+    if idx == 0:
+        raise ValueError("job 0 cannot start")
+    time.sleep(0.5)
+    Path(overrides[0]).touch()
+    return idx
+
+
+def test_a_job_that_raises_stops_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher_module, "_run_job", _fail_first)
+    config = OmegaConf.create({"hydra": {"hydra_logging": None, "verbose": False, "sweep": {"dir": str(tmp_path)}}})
+    launcher = ForkLauncher(n_jobs=1)
+    launcher.setup(hydra_context=SimpleNamespace(execution_whitelist=None), task_function=print, config=config)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="job 0 cannot start"):
+        launcher.launch([[str(tmp_path / f"ran{i}")] for i in range(4)], initial_job_idx=0)
+    assert len(list(tmp_path.glob("ran*"))) <= 2  # the queued jobs were dropped, not run to the end
 
 
 def test_a_killed_worker_raises_naming_its_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

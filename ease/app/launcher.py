@@ -116,22 +116,24 @@ class ForkLauncher(Launcher):
             task_function=self.task_function,
             singleton_state=Singleton.get_state(),
         )
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
             # Python 3.11 forks every worker at the first submit, before the pool starts its manager thread.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = [pool.submit(_run_job, idx, overrides) for idx, overrides in jobs]
-                for name in self.import_while_running:  # the workers exist now: they do not inherit these
-                    importlib.import_module(name)
-                runs = []
-                for (idx, overrides), future in zip(jobs, futures, strict=True):
-                    try:
-                        runs.append(future.result())
-                    except BrokenProcessPool:
-                        raise RuntimeError(
-                            f"hydra.launcher: a worker process died (killed by the OS? out of memory?) while job "
-                            f"#{idx} ({' '.join(filter_overrides(overrides))}) or one beside it ran"
-                        ) from None
+            futures = [pool.submit(_run_job, idx, overrides) for idx, overrides in jobs]
+            for name in self.import_while_running:  # the workers exist now: they do not inherit these
+                importlib.import_module(name)
+            runs = []
+            for (idx, overrides), future in zip(jobs, futures, strict=True):
+                try:
+                    runs.append(future.result())
+                except BrokenProcessPool:
+                    raise RuntimeError(
+                        f"hydra.launcher: a worker process died (killed by the OS? out of memory?) while job "
+                        f"#{idx} ({' '.join(filter_overrides(overrides))}) or one beside it ran"
+                    ) from None
         finally:
+            # A job that raised stops the sweep, as under the basic launcher: the jobs not started are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
             _inherited.clear()
         configure_log(
             self.config.hydra.hydra_logging,
