@@ -66,6 +66,18 @@ def test_bad_n_jobs_on_the_command_line_stops_before_any_job(tmp_path: Path) -> 
     assert not list(tmp_path.glob("*/metrics.json"))
 
 
+def test_a_preload_that_cannot_be_imported_is_one_line_before_any_job(tmp_path: Path) -> None:
+    extra = ["hydra/launcher=ease_fork", "hydra.launcher.preload=[no_such_module_here]"]
+    proc = train_py("-m", *GRID, f"hydra.sweep.dir={tmp_path}", *extra)
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: hydra.launcher.preload: cannot import 'no_such_module_here'")
+    )
+    assert not list(tmp_path.glob("*/metrics.json"))
+
+
 def test_worker_count() -> None:
     assert [worker_count(2, jobs) for jobs in (1, 2, 6)] == [1, 2, 2]
     assert worker_count(-1, 1000) == os.cpu_count()

@@ -104,7 +104,10 @@ class ForkLauncher(Launcher):
         )
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         for name in self.preload:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise ValueError(f"hydra.launcher.preload: cannot import {name!r}: {err}") from None
         workers = worker_count(self.n_jobs, len(job_overrides))
         log.info("Launching %d jobs on %d forked workers", len(job_overrides), workers)
         jobs = [(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
@@ -121,7 +124,10 @@ class ForkLauncher(Launcher):
             # Python 3.11 forks every worker at the first submit, before the pool starts its manager thread.
             futures = [pool.submit(_run_job, idx, overrides) for idx, overrides in jobs]
             for name in self.import_while_running:  # the workers exist now: they do not inherit these
-                importlib.import_module(name)
+                try:
+                    importlib.import_module(name)
+                except ImportError as err:  # only a saving: the jobs go on
+                    log.warning("hydra.launcher.import_while_running: cannot import %r: %s", name, err)
             runs = []
             for (idx, overrides), future in zip(jobs, futures, strict=True):
                 try:
