@@ -118,7 +118,7 @@ def _die(idx: int, overrides: list[str]) -> int:
 def _fail_first(idx: int, overrides: list[str]) -> int:
     if idx == 0:
         raise ValueError("job 0 cannot start")
-    time.sleep(0.5)
+    time.sleep(0.3)
     Path(overrides[0]).touch()
     return idx
 
@@ -129,8 +129,9 @@ def test_a_job_that_raises_stops_the_batch(tmp_path: Path, monkeypatch: pytest.M
     launcher = ForkLauncher(n_jobs=1)
     launcher.setup(hydra_context=SimpleNamespace(execution_whitelist=None), task_function=print, config=config)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="job 0 cannot start"):
-        launcher.launch([[str(tmp_path / f"ran{i}")] for i in range(4)], initial_job_idx=0)
-    assert len(list(tmp_path.glob("ran*"))) <= 2  # the queued jobs were dropped, not run to the end
+        launcher.launch([[str(tmp_path / f"ran{i}")] for i in range(8)], initial_job_idx=0)
+    # The pool had handed the worker about 3 more jobs (running and queued); the rest were dropped.
+    assert len(list(tmp_path.glob("ran*"))) <= 4
 
 
 def test_a_killed_worker_raises_naming_its_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
