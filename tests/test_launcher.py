@@ -40,9 +40,7 @@ def test_forked_workers_give_the_serial_sweeps_metrics_bit_for_bit(tmp_path: Pat
         assert record["status"] == fork[key]["status"] == "ok"
         assert strip_timing(record["metrics"]) == strip_timing(fork[key]["metrics"]), key
         assert record["config"] == fork[key]["config"] and record["objective"] == fork[key]["objective"]
-    # Two jobs at a time: the first job of each worker started before the other's first job ended.
-    spans = sorted((r["started"], r["finished"]) for r in fork.values())
-    assert spans[1][0] < spans[0][1]
+    # (Two workers sharing the jobs: test_jobs_keep_their_order_and_share_the_workers; tiny jobs may not overlap.)
     assert (tmp_path / "fork" / "results.md").is_file()
 
 
