@@ -6,10 +6,13 @@
 Writes benchmarks/sweeps_results.json. Every number is measured here, with the machine's load average
 recorded beside it: on a shared CPU, wall times move with what else runs.
 
-1. Alpha grid (`+sweep=alpha_grid`: α ∈ {0.3, 0.5, 0.7} × 2 seeds = 6 trainings). Every trial trains a fixed
-   number of epochs (patience above max_epochs), so each variant does the same work. Variants: serial with
-   1 torch thread, serial with all cores, and hydra/launcher=ease_joblib (2 jobs × 1 thread), each run
-   --repeats times, interleaved. Reports the median wall time, trials per hour and the ratio parallel / serial.
+1. Alpha grid (`+sweep=alpha_grid`: α ∈ {0.3, 0.5, 0.7} × 2 seeds = 6 trainings; `--seeds N`: 3N, stored as
+   alpha_grid_{3N}trials). Every trial trains a fixed number of epochs (patience above max_epochs), so each variant
+   does the same work. Variants (`--variants`): serial with 1 torch thread, serial with all cores,
+   hydra/launcher=ease_joblib (2 loky jobs × 1 thread) and hydra/launcher=ease_fork (2 forked workers × 1 thread),
+   each run --repeats times, interleaved. Reports the median wall time, trials per hour and the ratio parallel /
+   serial, whole sweep and steady state (the jobs' phase: first job start to last job end), and each run's
+   start-up, jobs' phase and tail (the results tables).
 3. Pruning (`--only pruning` runs this section alone): `+sweep=alpha_optuna`, 20 trials of 6 epochs, without
    and with the median pruner; wall time, epochs trained, pruned trials, best PPL.
 2. Threshold sweep (`+sweep=threshold`, K thresholds of one checkpoint, task=eval): wall time of the K-job sweep
@@ -55,37 +58,69 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def alpha_grid(tmp: Path, base: list[str], repeats: int) -> dict[str, Any]:
-    """Each variant `repeats` times, interleaved (A B C A B C) so a change in the machine's load hits all alike."""
-    variants = {
-        "serial_threads1": ["threads=1"],
-        "serial_threads_all": [f"threads={os.cpu_count()}"],
-        "joblib_2jobs_threads1": ["hydra/launcher=ease_joblib", "threads=1"],
-    }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+VARIANTS = {
+    "serial_threads1": ["threads=1"],
+    "serial_threads_all": [f"threads={os.cpu_count()}"],
+    "joblib_2jobs_threads1": ["hydra/launcher=ease_joblib", "threads=1"],
+    "fork_2jobs_threads1": ["hydra/launcher=ease_fork", "threads=1"],
+}
+SHORT = {"serial_threads_all": "serial_threads_all", "joblib_2jobs_threads1": "joblib", "fork_2jobs_threads1": "fork"}
+
+
+def phases(records_: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float]:
+    """Where a sweep's wall time went: start-up (command start to the first job's start), the jobs' phase (first
+    start to last end) and the tail (last end to exit: the results tables), from each record's started/finished."""
+    first, last = min(r["started"] for r in records_), max(r["finished"] for r in records_)
+    return {"startup_s": round(first - t0, 2), "jobs_phase_s": round(last - first, 2), "tail_s": round(t1 - last, 2)}
+
+
+def alpha_grid(tmp: Path, base: list[str], repeats: int, seeds: int, names: list[str]) -> dict[str, Any]:
+    """Each variant `repeats` times, interleaved (A B C A B C) so a change in the machine's load hits all alike.
+    `seeds` seeds per α (3 × seeds trials). Besides whole-sweep wall time, the steady-state rate: trials per hour
+    over the jobs' phase (first job start to last job end), without the sweep's fixed start-up and tables."""
+    trials = 3 * seeds
+    seed_arg = [f"seed={','.join(str(s) for s in range(seeds))}"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for repeat in range(repeats):
-        for name, extra in variants.items():
-            folder = tmp / f"grid_{name}_{repeat}"
+        for name in names:
+            folder = tmp / f"grid{trials}_{name}_{repeat}"
             load_before = load()
-            wall = train_py(["+sweep=alpha_grid", *base, *extra, f"hydra.sweep.dir={folder}"], multirun=True)
-            ok = [r for r in records(folder) if r["status"] == "ok"]
+            t0 = time.time()
+            wall = train_py(["+sweep=alpha_grid", *base, *seed_arg, *VARIANTS[name], f"hydra.sweep.dir={folder}"], True)
+            recs = records(folder)
+            ok = [r for r in recs if r["status"] == "ok"]
             runs[name].append(
                 {
                     "ok_trials": len(ok),
                     "wall_s": round(wall, 1),
+                    **phases(recs, t0, t0 + wall),
                     "sum_train_time_s": round(sum(r["metrics"]["train_time_s"] for r in ok), 1),
                     "load_avg_1min_before": round(load_before, 2),
                     "load_avg_1min_after": round(load(), 2),
                 }
             )
             print(name, runs[name][-1], flush=True)
-    out: dict[str, Any] = {"trials_per_sweep": 6, "repeats": repeats}
+    out: dict[str, Any] = {"trials_per_sweep": trials, "repeats": repeats, "variants": {n: VARIANTS[n] for n in names}}
     for name, results in runs.items():
         wall = statistics.median(r["wall_s"] for r in results)
-        out[name] = {"median_wall_s": wall, "trials_per_hour": round(3600 * 6 / wall, 1), "runs": results}
-    parallel = out["joblib_2jobs_threads1"]["trials_per_hour"]
-    out["ratio_joblib_vs_serial_threads1"] = round(parallel / out["serial_threads1"]["trials_per_hour"], 2)
-    out["ratio_joblib_vs_serial_threads_all"] = round(parallel / out["serial_threads_all"]["trials_per_hour"], 2)
+        jobs = statistics.median(r["jobs_phase_s"] for r in results)
+        out[name] = {
+            "median_wall_s": wall,
+            "trials_per_hour": round(3600 * trials / wall, 1),
+            "median_jobs_phase_s": jobs,
+            "steady_trials_per_hour": round(3600 * trials / jobs, 1),
+            "runs": results,
+        }
+    if "serial_threads1" in names:
+        serial = out["serial_threads1"]
+        for name in names:
+            if name != "serial_threads1":
+                out[f"ratio_{SHORT[name]}_vs_serial_threads1"] = round(
+                    out[name]["trials_per_hour"] / serial["trials_per_hour"], 2
+                )
+                out[f"steady_ratio_{SHORT[name]}_vs_serial_threads1"] = round(
+                    out[name]["steady_trials_per_hour"] / serial["steady_trials_per_hour"], 2
+                )
     return out
 
 
@@ -165,6 +200,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each alpha-grid variant, interleaved")
     parser.add_argument("--trials", type=int, default=20, help="trials of each pruning variant")
+    parser.add_argument("--seeds", type=int, default=2, help="alpha grid: seeds per alpha (3 x seeds trials)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"alpha grid: comma-separated subset of {', '.join(VARIANTS)}"
+    )
     parser.add_argument(
         "--only", choices=["alpha_grid", "threshold_sweep", "pruning"], help="run one section; keep the others in --out"
     )
@@ -174,7 +213,7 @@ def main() -> None:
     else:
         base = ["train.max_epochs=3", "train.patience=100"]
     sections = {
-        "alpha_grid": lambda tmp: alpha_grid(tmp, base, args.repeats),
+        "alpha_grid": lambda tmp: alpha_grid(tmp, base, args.repeats, args.seeds, args.variants.split(",")),
         "threshold_sweep": lambda tmp: threshold_sweep(tmp, base),
         "pruning": lambda tmp: pruning(tmp, [*base[:-2], "train.max_epochs=6", "train.patience=100"], args.trials),
     }
@@ -187,7 +226,8 @@ def main() -> None:
         )
         for name, run in sections.items():
             if args.only in (None, name):
-                result[name] = run(Path(tmp))
+                key = f"alpha_grid_{3 * args.seeds}trials" if name == "alpha_grid" and args.seeds != 2 else name
+                result[key] = run(Path(tmp))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -103,9 +103,10 @@ def test_median_pruner_decisions_follow_the_median_rule(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pruning_with_two_joblib_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["ease_joblib", "ease_fork"])
+def test_pruning_with_two_parallel_workers(tmp_path: Path, launcher: str) -> None:
     pruner = ["hydra.sweeper.pruner=threshold", "hydra.sweeper.pruner_args={upper: 1.0, n_warmup_steps: 2}"]
-    proc = sweep(tmp_path, "hydra/launcher=ease_joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=4", *pruner)
+    proc = sweep(tmp_path, f"hydra/launcher={launcher}", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=4", *pruner)
     assert summary(proc) == (4, 0, 0, 4)
     assert all(t.state == TrialState.PRUNED and t.user_attrs["pruned_at"] == 2 for t in trials(tmp_path))
     assert all(r["status"] == "pruned" for r in records(tmp_path).values())
