@@ -13,12 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from ease.app.errors import one_line_error
-from ease.app.launcher import register_launcher
 from ease.app.runner import hydra_main
 from ease.app.schema import check_plain_name, register_configs
 
 register_configs(Path(__file__).resolve().parent)
-register_launcher()  # hydra/launcher=ease_fork
 # Hydra 1.4 warns on every config-named target (our results callback); the whitelist API is still moving.
 warnings.filterwarnings("ignore", message=r"(?s).*_execution_whitelist_", category=UserWarning)
 

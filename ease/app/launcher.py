@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -147,9 +146,3 @@ class ForkLauncher(Launcher):
             execution_whitelist=self.hydra_context.execution_whitelist,
         )
         return runs
-
-
-def register_launcher() -> None:
-    """Make `_target_: ease.app.launcher.ForkLauncher` a launcher Hydra accepts (Hydra instantiates registered
-    plugin classes only; the `hydra.plugins` entry point does the same once the package is reinstalled)."""
-    Plugins.instance().register(ForkLauncher)
