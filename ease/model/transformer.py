@@ -19,6 +19,7 @@ from ease.model.attention import KVCache, RotaryEmbedding
 from ease.model.backbone import BackboneMethods
 from ease.model.block import TransformerBlock
 from ease.model.norm import RMSNorm
+from ease.model.row_cache import row_lengths
 from ease.routing import normalize_routing
 
 
@@ -103,11 +104,11 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         """One growing K/V cache per layer (the batch size and length follow from what is appended)."""
         return [KVCache() for _ in range(self.num_layers)]
 
-    def crop_cache(self, cache: list[KVCache], length: int) -> None:
-        """Keep positions 0..length-1 of every layer's K/V."""
+    def crop_cache(self, cache: list[KVCache], length: int | torch.Tensor) -> None:
+        """Keep positions 0..length-1 of every layer's K/V; a (B,) `length` keeps each row's own count."""
+        longest, rows = row_lengths(length)
         for layer in cache:
-            if layer.k is not None and layer.length > length:
-                layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
+            layer.crop(longest, rows)
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         groups = [("embedding", list(self.embedding.parameters()))]
