@@ -185,10 +185,10 @@ class SelfSpeculativeDecoder:
         row_rounds = torch.zeros(B, dtype=torch.long, device=device)
         # Where each row's next token goes: an int while the rows are alike (the plain cache path), else n.
         at: int | torch.Tensor = longest + 1 if ragged is None else n
-        fewest, k = 1, self.k_max  # the fewest tokens any row has; this round's draft length
+        fewest, most, k = 1, 1, self.k_max  # the fewest and most tokens of any row; this round's draft length
         while fewest < max_new_tokens:
             k = min(k, max_new_tokens - fewest)
-            running = produced < max_new_tokens  # (B,)
+            running = None if most < max_new_tokens else produced < max_new_tokens  # (B,); None: every row runs
             last = out.gather(1, (produced - 1)[:, None])  # (B, 1): each row's newest token
             # Draft: k tokens through layers 1..E, one position at a time, keeping the layer-E states.
             states, drafts, q = [], [], []
@@ -207,16 +207,22 @@ class SelfSpeculativeDecoder:
             d = torch.cat(drafts, dim=1)  # (B, k)
             corrected, accepted = self._accept(d, q, verify_logits)  # (B, k), (B,)
             # Row b keeps a_b drafts and the verifier's token (k when all were accepted); a finished row, none.
-            kept = torch.where(accepted < k, accepted + 1, accepted) * running
+            kept = torch.where(accepted < k, accepted + 1, accepted)
+            if running is None:  # the common case, with fewer operations (batch 1 always)
+                row_rounds += 1
+                counted, low_of, high_of = accepted, accepted, accepted
+            else:
+                kept, counted = kept * running, accepted * running
+                row_rounds += running
+                low_of, high_of = torch.where(running, accepted, k), counted
             out.scatter_(1, produced[:, None] + steps[:k], corrected)  # past a row's kept count: rewritten later
             produced += kept
             n = n + kept  # the K/V of `last` and of the first kept - 1 emitted tokens are right: keep them
-            row_rounds += running
             # One device sync a round: what the next round and the stats need.
-            fewest, lo, hi, rows_running, accepted_sum, low, high = torch.stack([
-                produced.min(), n.min(), n.max(), running.sum(), (accepted * running).sum(),
-                torch.where(running, accepted, k).min(), torch.where(running, accepted, 0).max(),
+            fewest, most, lo, hi, accepted_sum, low, high = torch.stack([
+                produced.min(), produced.max(), n.min(), n.max(), counted.sum(), low_of.min(), high_of.max(),
             ]).tolist()  # fmt: skip
+            rows_running = B if running is None else int(running.sum())
             stats.rounds += 1
             stats.drafted += rows_running * k
             stats.accepted += accepted_sum
