@@ -158,13 +158,14 @@ class SelfSpeculativeDecoder:
 
         def run(ids: torch.Tensor, start: int | torch.Tensor, first: int, last: int) -> torch.Tensor:
             """Layers first..last on ids (B, T) from position `start`: an int (every row alike) or (B,) per row."""
-            if isinstance(start, int):
-                pos, positions = start, None
-            else:
-                pos, positions = 0, start[:, None] + steps[: ids.shape[1]]
             h = model.embed(ids, start) if first == 1 else ids
+            if isinstance(start, int):  # the plain call, as full-depth decoding makes it
+                for i in range(first, last + 1):
+                    h = model.layer(i, h, start, cache)
+                return h
+            positions = start[:, None] + steps[: ids.shape[1]]
             for i in range(first, last + 1):
-                h = model.layer(i, h, pos, cache, positions=positions)
+                h = model.layer(i, h, 0, cache, positions=positions)
             return h
 
         if m > 1:  # untimed, as in `ease.inference.generation.decode`: the timed part starts at the last prompt token
