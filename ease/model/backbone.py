@@ -99,8 +99,9 @@ class Backbone(Protocol):
     def crop_cache(self, cache: Any, length: int | torch.Tensor) -> None:
         """Keep only positions 0..length-1 in every layer of `cache` (self-speculative decoding drops the K/V of
         rejected draft tokens). A (B,) long `length` gives row b its own length n_b = length[b] (at most what it
-        holds): slots from n_b on are stale, never attended, and rewritten by the next `layer` call (see `layer`).
-        Rows of equal lengths (or an int) are the plain cache again; an int must not exceed any row's length."""
+        holds): slots from n_b on are stale, and `layer` calls rewrite them before any query can attend them (see
+        `layer`). Rows of equal lengths (or an int) are the plain cache again; an int must not exceed any row's
+        length. A backbone whose layers cannot hold per-row lengths (sliding-window caches) raises one line."""
         ...
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
