@@ -245,16 +245,20 @@ def _row_cache_class() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.rows: dict[int, RowLengths] = {}  # layer index (0-based) -> its rows' lengths
+            self.buffers: dict[int, tuple] = {}  # layer index -> what its keys and values are views of
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
         ):
             rows = self.rows.get(layer_idx)
             if rows is None:
+                self.buffers.pop(layer_idx, None)  # the keys and values become new tensors
                 return super().update(key_states, value_states, layer_idx, *args, **kwargs)
             layer = self.layers[layer_idx]
-            layer.keys, _ = write_rows(layer.keys, key_states, rows)
-            layer.values, self.rows[layer_idx] = write_rows(layer.values, value_states, rows)
+            k_buffer, v_buffer = self.buffers.get(layer_idx, (None, None))
+            k_buffer, layer.keys, _ = write_rows(layer.keys, k_buffer, key_states, rows)
+            v_buffer, layer.values, self.rows[layer_idx] = write_rows(layer.values, v_buffer, value_states, rows)
+            self.buffers[layer_idx] = (k_buffer, v_buffer)
             return layer.keys, layer.values
 
     return RowDynamicCache

@@ -129,12 +129,14 @@ class KVCache:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     rows: RowLengths | None = None
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # with `rows`: what k and v are views of
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.buffers = None  # k and v become new tensors
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
         return self.k, self.v
@@ -144,8 +146,10 @@ class KVCache:
         (B, 1, T, S) mask of the slots each query may see."""
         assert self.rows is not None
         mask = row_mask(self.rows, k.shape[2])
-        self.k, _ = write_rows(self.k, k, self.rows)
-        self.v, self.rows = write_rows(self.v, v, self.rows)
+        k_buffer, v_buffer = self.buffers or (None, None)
+        k_buffer, self.k, _ = write_rows(self.k, k_buffer, k, self.rows)
+        v_buffer, self.v, self.rows = write_rows(self.v, v_buffer, v, self.rows)
+        self.buffers = (k_buffer, v_buffer)
         return self.k, self.v, mask
 
     def crop(self, length: int, rows: RowLengths | None = None) -> None:

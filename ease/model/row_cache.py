@@ -30,21 +30,24 @@ def row_lengths(lengths: int | torch.Tensor) -> tuple[int, RowLengths | None]:
     return hi, None if lo == hi else RowLengths(lengths.long().clone(), hi)  # a copy: the caller may change its own
 
 
-def write_rows(store: torch.Tensor | None, new: torch.Tensor, rows: RowLengths) -> tuple[torch.Tensor, RowLengths]:
-    """Write new (B, nh, T, hd) at slots n_b..n_b+T-1 of store (B, nh, >= longest, hd) -> (store, lengths + T).
+def write_rows(
+    store: torch.Tensor | None, buffer: torch.Tensor | None, new: torch.Tensor, rows: RowLengths
+) -> tuple[torch.Tensor, torch.Tensor, RowLengths]:
+    """Write new (B, nh, T, hd) at slots n_b..n_b+T-1 -> (buffer, store, lengths + T).
 
-    The returned store is `longest + T` long: slots past every row's length are dropped, missing ones added."""
+    `store` (B, nh, >= longest, hd) holds the cached slots; `buffer`, when not None, is the tensor it is a view of,
+    with room to grow: the new slots are written into it in place (no copy of the whole cache per call, as
+    appending by concatenation makes). The returned store is the buffer's first `longest + T` slots."""
     B, nh, T, hd = new.shape
     size = rows.longest + T
-    if store is None:
-        store = new.new_zeros(B, nh, size, hd)
-    elif store.shape[2] < size:
-        store = torch.cat((store, store.new_zeros(B, nh, size - store.shape[2], hd)), dim=2)
-    else:
-        store = store[:, :, :size].clone()  # a view of the caller's tensor must not be written through
+    if buffer is None or buffer.shape[2] < size:
+        grown = new.new_zeros(B, nh, 2 * size, hd)
+        if store is not None:
+            grown[:, :, : rows.longest] = store[:, :, : rows.longest]
+        buffer = grown
     slots = rows.lengths[:, None] + torch.arange(T, device=new.device)  # (B, T)
-    store.scatter_(2, slots[:, None, :, None].expand(B, nh, T, hd), new)
-    return store, RowLengths(rows.lengths + T, size)
+    buffer.scatter_(2, slots[:, None, :, None].expand(B, nh, T, hd), new)
+    return buffer, buffer[:, :, :size], RowLengths(rows.lengths + T, size)
 
 
 def row_mask(rows: RowLengths, length: int) -> torch.Tensor:
