@@ -206,6 +206,16 @@ def test_speculative_generate_task_gives_the_full_depth_text(checkpoint: Path, t
     assert m["token_ids"] == full.token_ids and (tmp_path / "generated.txt").read_text().count("--- row") == 1
 
 
+def test_speculative_generate_task_at_batch_4_keeps_per_row_lengths(checkpoint: Path, tmp_path: Path) -> None:
+    """Sampled rows of one prompt diverge, so they accept differently and keep their own lengths."""
+    cfg = compose(["task=generate", f"checkpoint={checkpoint}", "prompt=the cat sat", "task.mode=speculative",
+                   "task.batch_size=4", "task.temperature=1.5", "task.max_new_tokens=16"])  # fmt: skip
+    m = run(cfg, tmp_path)["metrics"]
+    assert [len(t) for t in m["token_ids"]] == [16] * 4 and len(m["row_predicted_speedups"]) == 4
+    assert min(m["row_predicted_speedups"]) >= m["predicted_speedup"] > 0  # the batch waits for its slowest row
+    assert len(set(m["row_predicted_speedups"])) > 1  # (seeded) rows finished after different rounds
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -13,6 +13,7 @@ backbone's alone.
 """
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from ease.extras import require
 from ease.hf import architectures
 from ease.model.backbone import BackboneMethods
+from ease.model.row_cache import RowLengths, row_lengths, row_mask, write_rows
 from ease.routing import normalize_routing
 
 # The EASE settings stored in a saved model's config.json, so `ease.hf.from_pretrained` restores the routing.
@@ -76,11 +78,12 @@ class HFBackbone(BackboneMethods, nn.Module):
 
     # --- the backbone protocol --------------------------------------------------------------------------
 
-    def embed(self, ids: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, pos: int | torch.Tensor = 0) -> torch.Tensor:
         parts = self._parts
         h = parts.embed_tokens(ids)  # (B, T, C)
         if parts.position_embedding is not None:  # GPT-2's learned absolute positions
-            h = h + parts.position_embedding(torch.arange(pos, pos + ids.shape[1], device=ids.device))
+            start = pos[:, None] if isinstance(pos, torch.Tensor) else pos  # (B, 1): each row's own start
+            h = h + parts.position_embedding(start + torch.arange(ids.shape[1], device=ids.device))
         if parts.embed_dropout is not None:
             h = parts.embed_dropout(h)
         return h
@@ -97,6 +100,7 @@ class HFBackbone(BackboneMethods, nn.Module):
         """Decoder layer i (1-indexed) on h (B, T, C) at positions pos..pos+T-1 (or `positions`); see
         `Backbone.layer`."""
         position_ids = torch.arange(pos, pos + h.shape[1], device=h.device)[None]  # (1, T)
+        rows = None if cache is None else getattr(cache, "rows", {}).get(i - 1)
         # Given positions go to the rotary table only: the mask stays causal in h's order, from contiguous ids
         # (gaps in position_ids would read as packed sequences to transformers' masking).
         rotary_ids = position_ids if positions is None else positions
@@ -105,33 +109,59 @@ class HFBackbone(BackboneMethods, nn.Module):
                 architectures.write_kv(self._parts, i - 1, h, rotary_ids, cache)
             return h
         sliding = architectures.is_sliding(self.hf.config, i - 1)
-        mask = self._mask_fns[sliding](
-            config=self.hf.config,
-            inputs_embeds=h,
-            attention_mask=None,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=None if cache is None else i - 1,  # each layer's cache may hold its own length
-        )
+        if rows is not None:  # each row's own causal mask over its own slots (`ease.model.row_cache`)
+            mask = self._row_mask(rows, h)
+        else:
+            mask = self._mask_fns[sliding](
+                config=self.hf.config,
+                inputs_embeds=h,
+                attention_mask=None,
+                cache=cache,
+                position_ids=position_ids,
+                layer_idx=None if cache is None else i - 1,  # each layer's cache may hold its own length
+            )
         out = architectures.call_layer(self._parts, i - 1, h, mask, rotary_ids, cache)
         if active is not None:  # inactive tokens keep their state; their K/V were made from it above
             out = torch.where(active[..., None], out, h)
         return out
+
+    def _row_mask(self, rows: RowLengths, h: torch.Tensor) -> torch.Tensor:
+        """`row_mask` in the form the model's attention takes: bool for SDPA, additive (0 or the dtype's minimum)
+        for the others, as transformers' own masks are."""
+        mask = row_mask(rows, h.shape[1])
+        if self.hf.config._attn_implementation == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, torch.finfo(h.dtype).min)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """The shared exit: the model's final norm, then its lm_head. (..., C) -> (..., V)."""
         return self._parts.lm_head(self._parts.norm(h))
 
     def new_cache(self, batch_size: int, max_len: int) -> Any:
-        """The model's own `DynamicCache` (one layer per decoder layer, sliding ones where the config has them)."""
-        return require("transformers", "model=hf").DynamicCache(config=self.hf.config)
+        """The model's own `DynamicCache` (one layer per decoder layer, sliding ones where the config has them),
+        which also holds per-row lengths once `crop_cache` gave them."""
+        return _row_cache_class()(config=self.hf.config)
 
-    def crop_cache(self, cache: Any, length: int) -> None:
+    def crop_cache(self, cache: Any, length: int | torch.Tensor) -> None:
         """Keep positions 0..length-1: the `DynamicCache`'s own `crop`, which takes the count to remove (negative).
-        A sliding-window layer that has already dropped positions cannot give them back (transformers raises)."""
-        extra = cache.get_seq_length() - length
-        if extra > 0:
-            cache.crop(-extra)
+        A sliding-window layer that has already dropped positions cannot give them back (transformers raises).
+        A (B,) `length` keeps each row's own count (full-attention layers only: a sliding layer's slots are not
+        its positions)."""
+        longest, rows = row_lengths(length)
+        cache.rows = {}
+        if rows is None:
+            extra = cache.get_seq_length() - longest
+            if extra > 0:
+                cache.crop(-extra)
+            return
+        sliding = [j + 1 for j in range(self.num_layers) if architectures.is_sliding(self.hf.config, j)]
+        if sliding:
+            raise ValueError(f"task.batch_size: rows of different lengths need full-attention layers; layers {sliding} "
+                             "use a sliding window (decode one row at a time)")  # fmt: skip
+        for j, layer in enumerate(cache.layers):
+            if layer.is_initialized and layer.keys.shape[-2] > longest:
+                layer.keys, layer.values = layer.keys[..., :longest, :], layer.values[..., :longest, :]
+            cache.rows[j] = rows
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         parts = self._parts
@@ -202,3 +232,33 @@ class HFBackbone(BackboneMethods, nn.Module):
             "confidence": self.confidence,
             "hf_config": hf_config,
         }
+
+
+@functools.cache
+def _row_cache_class() -> type:
+    """transformers' `DynamicCache` with per-row lengths: a layer in `rows` writes each row's new K/V after that
+    row's own length (`ease.model.row_cache.write_rows`) instead of appending after the longest. Made on first use,
+    as transformers is an optional dependency."""
+    dynamic_cache = require("transformers", "model=hf").DynamicCache
+
+    class RowDynamicCache(dynamic_cache):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.rows: dict[int, RowLengths] = {}  # layer index (0-based) -> its rows' lengths
+            self.buffers: dict[int, tuple] = {}  # layer index -> what its keys and values are views of
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        ):
+            rows = self.rows.get(layer_idx)
+            if rows is None:
+                self.buffers.pop(layer_idx, None)  # the keys and values become new tensors
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            layer = self.layers[layer_idx]
+            k_buffer, v_buffer = self.buffers.get(layer_idx, (None, None))
+            k_buffer, layer.keys, _ = write_rows(layer.keys, k_buffer, key_states, rows)
+            v_buffer, layer.values, self.rows[layer_idx] = write_rows(layer.values, v_buffer, value_states, rows)
+            self.buffers[layer_idx] = (k_buffer, v_buffer)
+            return layer.keys, layer.values
+
+    return RowDynamicCache

@@ -514,7 +514,9 @@ def generate_speculative(
 
     The full-depth baseline is the reference decoder with routing off (the same backbone layers and caches, one
     token at a time). With greedy decoding the result also says whether the text equals that baseline's.
-    Returns JSON-ready metrics: texts, token ids, acceptance, tokens/s, speedup, predicted speedup, settings.
+    Rows of a batch keep their own lengths (each accepts its own drafts; see `ease.inference.speculative`).
+    Returns JSON-ready metrics: texts, token ids, acceptance, tokens/s, speedup, predicted speedup (the batch's,
+    limited by its slowest row, and each row's), settings.
     """
     from ease.inference.speculative import SelfSpeculativeDecoder, check_speculative
 
@@ -552,6 +554,8 @@ def generate_speculative(
         "full_depth_tokens_per_s": full_tps,
         "speedup": speedup,
         "predicted_speedup": predicted,
+        # each row's own prediction: rows keep their own lengths, so a row done early cost fewer rounds
+        "row_predicted_speedups": stats.row_predicted_speedups(model.num_layers, draft_exit),
         "speedup_over_predicted": speedup / predicted if speedup is not None and predicted else None,
         # greedy: is the text the full model's greedy text (token for token)? None when sampling or not compared
         "exact_match": bool(torch.equal(tokens, full.tokens)) if full is not None and temperature == 0 else None,

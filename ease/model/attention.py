@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ease.model.row_cache import RowLengths, row_mask, write_rows
+
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE, grown on demand so any sequence length works."""
@@ -119,19 +121,42 @@ def rotary_heads(
 
 @dataclass
 class KVCache:
-    """One layer's keys and values so far, each (B, nh, T_past, hd)."""
+    """One layer's keys and values so far, each (B, nh, T_past, hd).
+
+    `rows`, when set, holds each row's own length (`ease.model.row_cache`): slot t is position t, and slots at
+    or past a row's length are stale. None: every row holds all T_past positions."""
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    rows: RowLengths | None = None
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # with `rows`: what k and v are views of
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.buffers = None  # k and v become new tensors
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
         return self.k, self.v
+
+    def append_rows(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row lengths: write k, v (B, nh, T, hd) after each row's length -> all keys, values and the
+        (B, 1, T, S) mask of the slots each query may see."""
+        assert self.rows is not None
+        mask = row_mask(self.rows, k.shape[2])
+        k_buffer, v_buffer = self.buffers or (None, None)
+        k_buffer, self.k, _ = write_rows(self.k, k_buffer, k, self.rows)
+        v_buffer, self.v, self.rows = write_rows(self.v, v_buffer, v, self.rows)
+        self.buffers = (k_buffer, v_buffer)
+        return self.k, self.v, mask
+
+    def crop(self, length: int, rows: RowLengths | None = None) -> None:
+        """Keep slots 0..length-1; `rows` (whose longest is `length`) gives each row a length of its own."""
+        if self.k is not None and self.length > length:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+        self.rows = rows
 
 
 class CausalSelfAttention(nn.Module):
@@ -177,9 +202,13 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = rotary_heads(self.qkv(x), cos, sin, self.num_heads)  # (B, nh, T, hd) each, q and k rotated
         past = 0 if cache is None else cache.length
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None and cache.rows is not None:  # rows of different lengths: each row's own causal mask
+            k, v, rows_mask = cache.append_rows(k, v)  # (B, nh, S, hd), (B, 1, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, dropout_p=dropout_p)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, past+T, hd)
-        dropout_p = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -206,7 +235,10 @@ class CausalSelfAttention(nn.Module):
         nh, hd = self.num_heads, self.head_dim
         k, v = self.project_kv(x, cos, sin)  # (B, nh, T, hd): every position, as later tokens attend to all
         past = 0 if cache is None else cache.length
-        if cache is not None:
+        rows = None if cache is None else cache.rows
+        if rows is not None:
+            k, v, _ = cache.append_rows(k, v)  # (B, nh, S, hd)
+        elif cache is not None:
             k, v = cache.append(k, v)  # (B, nh, past+T, hd)
         # Each row's active positions first, in order, padded to the longest row: (B, Tq).
         counts = active.sum(1)
@@ -220,8 +252,9 @@ class CausalSelfAttention(nn.Module):
         q = F.linear(xq, self.qkv.weight[:C]).view(B, Tq, nh, hd).transpose(1, 2)  # (B, nh, Tq, hd)
         if cos is not None:
             q = apply_rotary(q, cos[order].unsqueeze(1), sin[order].unsqueeze(1))
-        # Query at position past+order may see keys 0..past+order.
-        mask = torch.arange(past + T, device=x.device) <= past + order[..., None]  # (B, Tq, past+T)
+        # Query at position past+order may see keys 0..past+order (past: its row's own length, with `rows`).
+        start = past if rows is None else rows.lengths[:, None, None]
+        mask = torch.arange(k.shape[2], device=x.device) <= start + order[..., None]  # (B, Tq, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, nh, Tq, hd)
         y = self.proj(y.transpose(1, 2).reshape(B, Tq, C))  # (B, Tq, C)
         return flat, y[valid]

@@ -56,10 +56,11 @@ class Backbone(Protocol):
     routing_thresholds: tuple[float, ...]
     confidence: str
 
-    def embed(self, ids: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Token ids (B, T) at positions pos..pos+T-1 -> the input of layer 1, (B, T, C).
 
-        `pos` matters to backbones with learned absolute positions (GPT-2); rotary ones apply it in `layer`.
+        `pos` matters to backbones with learned absolute positions (GPT-2); rotary ones apply it in `layer`. A (B,)
+        long `pos` gives each row its own start (rows of a cache with per-row lengths).
         """
         ...
 
@@ -75,7 +76,10 @@ class Backbone(Protocol):
         """Run layer i on h (B, T, C), the tokens at positions pos..pos+T-1 -> (B, T, C).
 
         With `cache` (from `new_cache`), attend over the positions that layer i's cache holds and append this
-        call's keys and values. With `active` (B, T) bool, only active tokens are updated; the others keep
+        call's keys and values. After `crop_cache` with per-row lengths n_b, the cache's slot t is position t:
+        row b's T tokens are written at slots n_b..n_b+T-1 (overwriting stale K/V there), its query t attends
+        slots 0..n_b+t of its own row only, and n_b grows by T; pass `positions` = n_b + (0..T-1) (rotary ones
+        read them; `pos` is ignored). With `active` (B, T) bool, only active tokens are updated; the others keep
         their input state and only provide keys and values (CALM state propagation). A backbone may compute
         the inactive tokens fully and discard their outputs, at no change in the result. With `positions`
         (B, T) long, ascending in each row, the tokens sit at those positions instead (Mixture-of-Depths runs a
@@ -92,9 +96,12 @@ class Backbone(Protocol):
         """An empty KV cache for every layer, for `layer(..., cache=)`."""
         ...
 
-    def crop_cache(self, cache: Any, length: int) -> None:
+    def crop_cache(self, cache: Any, length: int | torch.Tensor) -> None:
         """Keep only positions 0..length-1 in every layer of `cache` (self-speculative decoding drops the K/V of
-        rejected draft tokens)."""
+        rejected draft tokens). A (B,) long `length` gives row b its own length n_b = length[b] (at most what it
+        holds): slots from n_b on are stale, and `layer` calls rewrite them before any query can attend them (see
+        `layer`). Rows of equal lengths (or an int) are the plain cache again; an int must not exceed any row's
+        length. A backbone whose layers cannot hold per-row lengths (sliding-window caches) raises one line."""
         ...
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:

@@ -21,6 +21,7 @@ from ease.model.attention import KVCache, RotaryEmbedding
 from ease.model.backbone import BackboneMethods
 from ease.model.block import TransformerBlock
 from ease.model.norm import make_norm
+from ease.model.row_cache import row_lengths
 from ease.routing import normalize_routing
 
 POSITIONS = ("rotary", "learned")  # `model.positions`
@@ -98,13 +99,17 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         """The most positions the model holds: the learned table's length; None with RoPE (no limit)."""
         return self.table_len if self.pos_embedding is not None else None
 
-    def embed(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, pos: int | torch.Tensor = 0) -> torch.Tensor:
         h = self.embedding(x)  # (B, T, C)
         if self.pos_embedding is not None:  # learned positions pos..pos+T-1; RoPE applies them in `layer`
-            end = pos + x.shape[1]
+            T = x.shape[1]
+            end = pos + T if isinstance(pos, int) else int(pos.max()) + T  # (B,) pos: each row's own start
             if end > self.table_len:
                 raise ValueError(f"model.max_positions: learned positions end at {self.table_len}, got {end}")
-            h = h + self.pos_embedding.weight[pos:end]
+            if isinstance(pos, int):
+                h = h + self.pos_embedding.weight[pos:end]  # a slice: no gather in the training step
+            else:
+                h = h + self.pos_embedding(pos[:, None] + torch.arange(T, device=x.device))  # (B, T, C)
         return self.dropout(h)
 
     def layer(
@@ -136,11 +141,11 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         """One growing K/V cache per layer (the batch size and length follow from what is appended)."""
         return [KVCache() for _ in range(self.num_layers)]
 
-    def crop_cache(self, cache: list[KVCache], length: int) -> None:
-        """Keep positions 0..length-1 of every layer's K/V."""
+    def crop_cache(self, cache: list[KVCache], length: int | torch.Tensor) -> None:
+        """Keep positions 0..length-1 of every layer's K/V; a (B,) `length` keeps each row's own count."""
+        longest, rows = row_lengths(length)
         for layer in cache:
-            if layer.k is not None and layer.length > length:
-                layer.k, layer.v = layer.k[:, :, :length], layer.v[:, :, :length]
+            layer.crop(longest, rows)
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         groups = [("embedding", [*self.embedding.parameters(), *self.positional_parameters()])]
