@@ -132,6 +132,10 @@ class ForkLauncher(Launcher):
                 try:
                     runs.append(future.result())
                 except BrokenProcessPool:
+                    # The pool stops the other workers with SIGTERM, which a running job catches to stop cleanly
+                    # and report; with the pool's reader gone that report would block it, and `shutdown` with it.
+                    for worker in multiprocessing.active_children():
+                        worker.kill()
                     raise RuntimeError(
                         f"hydra.launcher: a worker process died (killed by the OS? out of memory?) while job "
                         f"#{idx} ({' '.join(filter_overrides(overrides))}) or one beside it ran"
@@ -140,9 +144,4 @@ class ForkLauncher(Launcher):
             # A job that raised stops the sweep, as under the basic launcher: the jobs not started are dropped.
             pool.shutdown(wait=True, cancel_futures=True)
             _inherited.clear()
-        configure_log(
-            self.config.hydra.hydra_logging,
-            self.config.hydra.verbose,
-            execution_whitelist=self.hydra_context.execution_whitelist,
-        )
-        return runs
+        return runs  # the jobs ran in the workers: the controller's logging is as `launch` set it

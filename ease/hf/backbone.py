@@ -23,7 +23,7 @@ from torch import nn
 from ease.extras import require
 from ease.hf import architectures
 from ease.model.backbone import BackboneMethods
-from ease.model.row_cache import RowLengths, row_lengths, row_mask, write_rows
+from ease.model.row_cache import RowLengths, row_lengths, row_mask, write_kv_rows
 from ease.routing import normalize_routing
 
 # The EASE settings stored in a saved model's config.json, so `ease.hf.from_pretrained` restores the routing.
@@ -237,7 +237,7 @@ class HFBackbone(BackboneMethods, nn.Module):
 @functools.cache
 def _row_cache_class() -> type:
     """transformers' `DynamicCache` with per-row lengths: a layer in `rows` writes each row's new K/V after that
-    row's own length (`ease.model.row_cache.write_rows`) instead of appending after the longest. Made on first use,
+    row's own length (`ease.model.row_cache.write_kv_rows`) instead of appending after the longest. Made on first use,
     as transformers is an optional dependency."""
     dynamic_cache = require("transformers", "model=hf").DynamicCache
 
@@ -255,10 +255,9 @@ def _row_cache_class() -> type:
                 self.buffers.pop(layer_idx, None)  # the keys and values become new tensors
                 return super().update(key_states, value_states, layer_idx, *args, **kwargs)
             layer = self.layers[layer_idx]
-            k_buffer, v_buffer = self.buffers.get(layer_idx, (None, None))
-            k_buffer, layer.keys, _ = write_rows(layer.keys, k_buffer, key_states, rows)
-            v_buffer, layer.values, self.rows[layer_idx] = write_rows(layer.values, v_buffer, value_states, rows)
-            self.buffers[layer_idx] = (k_buffer, v_buffer)
+            layer.keys, layer.values, self.buffers[layer_idx], self.rows[layer_idx] = write_kv_rows(
+                layer.keys, layer.values, self.buffers.get(layer_idx), key_states, value_states, rows
+            )
             return layer.keys, layer.values
 
     return RowDynamicCache

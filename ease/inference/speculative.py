@@ -231,7 +231,7 @@ class SelfSpeculativeDecoder:
             stats.verify_layer_tokens += B * k * (L - E)
             stats.draft_lengths.append(k)
             at = hi if lo == hi else n
-            model.crop_cache(cache, hi if lo == hi else n)
+            model.crop_cache(cache, at)
             if self.adaptive:
                 k = min(k + 1, self.k_max) if low == k else max(k - 1, 1) if high == 0 else k
         stats.seconds = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ease.model.row_cache import RowLengths, row_mask, write_rows
+from ease.model.row_cache import RowLengths, row_mask, write_kv_rows
 
 
 class RotaryEmbedding(nn.Module):
@@ -146,10 +146,7 @@ class KVCache:
         (B, 1, T, S) mask of the slots each query may see."""
         assert self.rows is not None
         mask = row_mask(self.rows, k.shape[2])
-        k_buffer, v_buffer = self.buffers or (None, None)
-        k_buffer, self.k, _ = write_rows(self.k, k_buffer, k, self.rows)
-        v_buffer, self.v, self.rows = write_rows(self.v, v_buffer, v, self.rows)
-        self.buffers = (k_buffer, v_buffer)
+        self.k, self.v, self.buffers, self.rows = write_kv_rows(self.k, self.v, self.buffers, k, v, self.rows)
         return self.k, self.v, mask
 
     def crop(self, length: int, rows: RowLengths | None = None) -> None:

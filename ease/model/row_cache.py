@@ -5,7 +5,7 @@ after a round row b's cache holds its own n_b positions. A layer's K/V store sta
 slot t holds position t; slots at or past a row's length are stale (rejected drafts) and never attended: a call
 writes row b's T new tokens at slots n_b..n_b+T-1 and its query t sees slots 0..n_b+t only. Every call writes
 from the row's length on, so a stale slot is overwritten before any query can see it. The native `KVCache` and
-the Hugging Face adapter's cache both use these two functions.
+the Hugging Face adapter's cache both use `write_kv_rows` and `row_mask`.
 """
 
 from dataclasses import dataclass
@@ -48,6 +48,21 @@ def write_rows(
     slots = rows.lengths[:, None] + torch.arange(T, device=new.device)  # (B, T)
     buffer.scatter_(2, slots[:, None, :, None].expand(B, nh, T, hd), new)
     return buffer, buffer[:, :, :size], RowLengths(rows.lengths + T, size)
+
+
+def write_kv_rows(
+    keys: torch.Tensor | None,
+    values: torch.Tensor | None,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: RowLengths,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], RowLengths]:
+    """`write_rows` for one layer's keys and values -> (keys, values, their buffers, lengths + T)."""
+    k_buffer, v_buffer = buffers or (None, None)
+    k_buffer, keys, _ = write_rows(keys, k_buffer, k, rows)
+    v_buffer, values, rows = write_rows(values, v_buffer, v, rows)
+    return keys, values, (k_buffer, v_buffer), rows
 
 
 def row_mask(rows: RowLengths, length: int) -> torch.Tensor:

@@ -103,13 +103,13 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
         h = self.embedding(x)  # (B, T, C)
         if self.pos_embedding is not None:  # learned positions pos..pos+T-1; RoPE applies them in `layer`
             T = x.shape[1]
-            end = pos + T if isinstance(pos, int) else int(pos.max()) + T  # (B,) pos: each row's own start
+            if isinstance(pos, int):
+                end, table = pos + T, self.pos_embedding.weight[pos : pos + T]  # a slice: no gather in training
+            else:  # (B,) pos: each row's own start
+                end, table = int(pos.max()) + T, self.pos_embedding(pos[:, None] + torch.arange(T, device=x.device))
             if end > self.table_len:
                 raise ValueError(f"model.max_positions: learned positions end at {self.table_len}, got {end}")
-            if isinstance(pos, int):
-                h = h + self.pos_embedding.weight[pos:end]  # a slice: no gather in the training step
-            else:
-                h = h + self.pos_embedding(pos[:, None] + torch.arange(T, device=x.device))  # (B, T, C)
+            h = h + table  # (B, T, C)
         return self.dropout(h)
 
     def layer(
@@ -148,13 +148,11 @@ class EarlyExitTransformer(BackboneMethods, nn.Module):
             layer.crop(longest, rows)
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        groups = [("embedding", [*self.embedding.parameters(), *self.positional_parameters()])]
+        positional = [] if self.pos_embedding is None else list(self.pos_embedding.parameters())
+        groups = [("embedding", [*self.embedding.parameters(), *positional])]
         groups += [(f"layer_{i}", list(block.parameters())) for i, block in enumerate(self.layers, start=1)]
         groups.append(("head", [*self.norm.parameters(), *self.output_head.parameters()]))
         return groups
-
-    def positional_parameters(self) -> list[nn.Parameter]:
-        return [] if self.pos_embedding is None else list(self.pos_embedding.parameters())
 
     def extended(self, num_layers: int) -> "EarlyExitTransformer":
         """A deeper copy (ASHEM's growth): embedding, blocks 1..L, norm and head copied from this model; the new
